@@ -974,8 +974,8 @@ def _clone_tree(obj):
 def parse_args(argv=None) -> Hyperparameters:
     """Every Hyperparameters field is a flag (--name=value); --preset picks the base values."""
     parser = argparse.ArgumentParser(
-        description="Train the speedrun GPT. Defaults are the 8x H100 record; --preset tiny is the CPU demo.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        description="Train the speedrun GPT. Defaults are the 8x H100 record; --preset tiny is the CPU demo. "
+                    "Every field of Hyperparameters is a flag: --name=value (tuples as A,B,C).")
     defaults = Hyperparameters()
     for f in dataclasses.fields(Hyperparameters):
         value = getattr(defaults, f.name)

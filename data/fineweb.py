@@ -1,0 +1,373 @@
+"""Tokenize text into GPT-2 token shards in the format train_gpt.py reads.
+
+Shard format: 256 little-endian int32 header ([0] magic 20240520, [1] version 1,
+[2] token count), then the tokens as little-endian uint16. Every document is preceded by
+one <|endoftext|> token (id 50256), which the trainer uses as BOS.
+
+Sources (pick one):
+  * local files: `python data/fineweb.py --input a.txt b.jsonl ...`
+      .txt   documents are blocks separated by blank lines (or --txt_sep); with
+             --min_doc_chars N consecutive blocks are joined (with a blank line) until a
+             document has at least N characters. --txt_sep none: one document per file.
+      .jsonl one JSON object per line, the document is its --text_field (default "text").
+  * Hugging Face FineWeb (needs network and `pip install datasets`):
+      `python data/fineweb.py --hf HuggingFaceFW/fineweb --hf_name sample-10BT`
+
+Layout (mirrors the FineWeb shards): the first shard is validation,
+<prefix>_val_000000.bin, then <prefix>_train_000001.bin, <prefix>_train_000002.bin, ...
+Documents are never split: a shard is closed at the first document boundary where it holds
+at least its target size (--val_tokens for the val shard, --shard_size for the others), so
+every shard starts with BOS; only the last shard may be smaller.
+
+Tokenizer: tiktoken's "gpt2" (downloaded once by tiktoken), or, with --vocab PATH, built
+offline from a GPT-2 encoder.json (token -> id) file.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+SHARD_MAGIC = 20240520
+SHARD_VERSION = 1
+HEADER_INTS = 256
+EOT_TOKEN = "<|endoftext|>"
+EOT_ID = 50256
+
+# The GPT-2 pre-tokenization pattern: contractions, letter runs, digit runs, runs of other
+# symbols (each optionally with one leading space), and whitespace.
+GPT2_PATTERN = (r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+"""
+                r"""|\s+(?!\S)|\s+""")
+
+
+# --------------------------------------------------------------------------------------
+# Tokenizer
+# --------------------------------------------------------------------------------------
+
+def gpt2_byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters.
+
+    Bytes that are printable characters already (! .. ~, ¡ .. ¬, ® .. ÿ) map to
+    themselves; the other 68 bytes (controls, space, ...) map, in increasing byte order,
+    to the code points 256, 257, ... This is how encoder.json spells byte-level tokens.
+    """
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def encoding_from_vocab(vocab_path):
+    """A tiktoken Encoding for GPT-2 built offline from an encoder.json file.
+
+    GPT-2's merge order is its id order, so the ids of encoder.json are the BPE ranks
+    that tiktoken needs; the token strings are turned back into bytes with the inverse of
+    the byte-to-unicode table.
+    """
+    import tiktoken
+
+    with open(vocab_path, encoding="utf-8") as f:
+        encoder = json.load(f)
+    byte_of = {c: b for b, c in gpt2_byte_to_unicode().items()}
+    ranks = {}
+    for token, rank in encoder.items():
+        if token == EOT_TOKEN:
+            continue
+        ranks[bytes(byte_of[c] for c in token)] = rank
+    return tiktoken.Encoding(name="gpt2-local", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                             special_tokens={EOT_TOKEN: EOT_ID})
+
+
+def get_encoding(vocab_path=None):
+    if vocab_path is not None:
+        return encoding_from_vocab(vocab_path)
+    import tiktoken
+
+    return tiktoken.get_encoding("gpt2")
+
+
+KNOWN_ENCODINGS = {
+    "Hello world": [15496, 995],
+    "The quick brown fox jumps over the lazy dog.":
+        [464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13],
+}
+
+
+def check_encoding(enc) -> None:
+    for text, ids in KNOWN_ENCODINGS.items():
+        got = enc.encode_ordinary(text)
+        if got != ids:
+            raise ValueError(f"tokenizer check failed: {text!r} -> {got}, expected {ids}")
+    if enc.eot_token != EOT_ID:
+        raise ValueError(f"tokenizer check failed: <|endoftext|> is {enc.eot_token}, expected {EOT_ID}")
+
+
+_worker_encoding = None
+
+
+def _init_worker(vocab_path):
+    global _worker_encoding
+    _worker_encoding = get_encoding(vocab_path)
+
+
+def tokenize_document(text: str) -> np.ndarray:
+    """[BOS] + the document's tokens, as uint16. Special-token text inside a document
+    ("<|endoftext|>" written out) is encoded as ordinary text, never as BOS."""
+    ids = [EOT_ID] + _worker_encoding.encode_ordinary(text)
+    arr = np.asarray(ids, dtype=np.int64)
+    assert arr.max() < 2 ** 16 and arr.min() >= 0, "token id does not fit in uint16"
+    return arr.astype(np.uint16)
+
+
+# --------------------------------------------------------------------------------------
+# Shard writer
+# --------------------------------------------------------------------------------------
+
+def write_shard(path, tokens) -> None:
+    """Write tokens (any integer array-like, values in [0, 65536)) as one shard file."""
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
+        raise ValueError(f"{path}: token ids must be in [0, 65536)")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:  # write then rename: no half-written shard on a crash
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------
+# Document sources
+# --------------------------------------------------------------------------------------
+
+def _unescape(sep: str) -> str:
+    return sep.replace("\\n", "\n").replace("\\t", "\t")
+
+
+def split_text(text: str, sep: str = "blank", min_doc_chars: int = 0) -> list[str]:
+    """Split a text into documents (see the module docstring)."""
+    if sep == "none":
+        blocks = [text]
+    elif sep == "blank":
+        blocks = re.split(r"\n[ \t]*\n", text)
+    else:
+        blocks = text.split(_unescape(sep))
+    blocks = [b.strip("\n") for b in blocks]
+    blocks = [b for b in blocks if b.strip()]
+    if min_doc_chars <= 0:
+        return blocks
+    docs, current = [], []
+    for b in blocks:
+        current.append(b)
+        if sum(len(c) for c in current) + 2 * (len(current) - 1) >= min_doc_chars:
+            docs.append("\n\n".join(current))
+            current = []
+    if current:
+        docs.append("\n\n".join(current))
+    return docs
+
+
+def iter_local_documents(paths, sep, min_doc_chars, text_field):
+    for p in paths:
+        p = Path(p)
+        if p.suffix == ".jsonl":
+            with open(p, encoding="utf-8") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        text = json.loads(line)[text_field]
+                    except (json.JSONDecodeError, KeyError, TypeError) as e:
+                        raise ValueError(f"{p}:{lineno}: expected a JSON object with a "
+                                         f"{text_field!r} field ({e})") from None
+                    yield text
+        else:
+            yield from split_text(p.read_text(encoding="utf-8"), sep, min_doc_chars)
+
+
+def open_hf_dataset(name, config, split):
+    """Stream a Hugging Face dataset (nothing is stored locally but the hub's cache)."""
+    import datasets  # imported here: only needed for --hf
+
+    datasets.logging.set_verbosity_error()
+    try:  # the hub client logs every retry; the one-line error below is enough
+        from huggingface_hub.utils import logging as hub_logging
+        hub_logging.set_verbosity_error()
+    except ImportError:
+        pass
+    _check_hub_reachable()
+    return datasets.load_dataset(name, name=config, split=split, streaming=True)
+
+
+def _check_hub_reachable() -> None:
+    """Fail fast when the hub's host name does not resolve (no network): otherwise the
+    hub client retries for ~30 s before giving up."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        return  # the hub client fails at once by itself
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return  # behind a proxy the local resolver may not know the host: just try
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except OSError as e:
+        raise ConnectionError(f"cannot resolve {host} ({e})") from None
+
+
+def iter_hf_documents(ds, text_field, max_docs):
+    for i, row in enumerate(ds):
+        if max_docs is not None and i >= max_docs:
+            break
+        yield row[text_field]
+
+
+# --------------------------------------------------------------------------------------
+# Main
+# --------------------------------------------------------------------------------------
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else ""
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--input", nargs="+", help="local .txt / .jsonl files")
+    src.add_argument("--hf", help="Hugging Face dataset, e.g. HuggingFaceFW/fineweb")
+    p.add_argument("--hf_name", default="sample-10BT", help="dataset config (default sample-10BT)")
+    p.add_argument("--hf_split", default="train")
+    p.add_argument("--max_docs", type=int, default=None, help="stop after this many documents (--hf)")
+    p.add_argument("--text_field", default="text", help="JSON / dataset field holding the text")
+    p.add_argument("--txt_sep", default="blank",
+                   help='.txt document separator: "blank" (blank lines, default), "none" '
+                        '(one document per file) or a literal string (\\n, \\t understood)')
+    p.add_argument("--min_doc_chars", type=int, default=0,
+                   help=".txt: join consecutive blocks until a document has this many characters")
+    p.add_argument("--vocab", default=None, help="GPT-2 encoder.json to build the tokenizer offline")
+    p.add_argument("--out_dir", default=None, help="output folder (default: data/<prefix>)")
+    p.add_argument("--prefix", default=None, help='file name prefix (default "fineweb" with --hf, else "custom")')
+    p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per train shard")
+    p.add_argument("--val_tokens", type=int, default=None,
+                   help="tokens in the val shard (the first shard; default --shard_size)")
+    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
+                   help="tokenizer processes (0: tokenize in this process)")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    prefix = args.prefix or ("fineweb" if args.hf else "custom")
+    out_dir = Path(args.out_dir) if args.out_dir else Path(__file__).resolve().parent / prefix
+    val_tokens = args.val_tokens if args.val_tokens is not None else args.shard_size
+    if args.shard_size <= 0 or val_tokens <= 0:
+        fail("--shard_size and --val_tokens must be positive")
+
+    try:
+        enc = get_encoding(args.vocab)
+        check_encoding(enc)
+    except Exception as e:
+        how = ("check the --vocab file" if args.vocab else
+               "tiktoken downloads the GPT-2 files on first use; offline, pass "
+               "--vocab path/to/gpt2/encoder.json")
+        fail(f"could not build the GPT-2 tokenizer ({type(e).__name__}: "
+             f"{_first_line(e)}); {how}")
+
+    if args.hf:
+        try:
+            import datasets  # noqa: F401
+        except ImportError:
+            fail("--hf needs the `datasets` package: pip install datasets")
+        try:
+            ds = open_hf_dataset(args.hf, args.hf_name, args.hf_split)
+        except Exception as e:
+            fail(f"could not open the Hugging Face dataset {args.hf} ({args.hf_name}): "
+                 f"{type(e).__name__}: {_first_line(e)}. Are you online?")
+        documents = iter_hf_documents(ds, args.text_field, args.max_docs)
+    else:
+        for p in args.input:
+            if not Path(p).is_file():
+                fail(f"input file not found: {p}")
+        documents = iter_local_documents(args.input, args.txt_sep, args.min_doc_chars,
+                                         args.text_field)
+
+    from tqdm import tqdm
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if args.workers > 0:
+        import multiprocessing as mp
+
+        pool = mp.get_context("spawn" if sys.platform == "win32" else None).Pool(
+            args.workers, initializer=_init_worker, initargs=(args.vocab,))
+        token_arrays = pool.imap(tokenize_document, documents, chunksize=16)
+    else:
+        pool = None
+        _init_worker(args.vocab)
+        token_arrays = map(tokenize_document, documents)
+
+    shard_index, parts, count, written = 0, [], 0, []
+    bar = None
+
+    def flush():
+        nonlocal shard_index, parts, count, bar
+        split = "val" if shard_index == 0 else "train"
+        path = out_dir / f"{prefix}_{split}_{shard_index:06d}.bin"
+        write_shard(path, np.concatenate(parts))
+        written.append((path, count))
+        shard_index, parts, count = shard_index + 1, [], 0
+        bar.close()
+        bar = None
+
+    try:
+        for arr in token_arrays:
+            target = val_tokens if shard_index == 0 else args.shard_size
+            if bar is None:
+                bar = tqdm(total=target, unit="tokens", unit_scale=True,
+                           desc=f"shard {shard_index} ({'val' if shard_index == 0 else 'train'})")
+            parts.append(arr)
+            count += len(arr)
+            bar.update(len(arr))
+            if count >= target:
+                flush()
+        if parts:
+            flush()
+    except KeyboardInterrupt:
+        fail("interrupted")
+    except Exception as e:
+        if args.hf:  # network / dataset problems: one line, no traceback
+            fail(f"could not read {args.hf} ({args.hf_name}): {type(e).__name__}: "
+                 f"{_first_line(e)}. Are you online?")
+        raise
+    finally:
+        if pool is not None:
+            pool.terminate()
+    if not written:
+        fail("no documents found in the input")
+    total = sum(c for _, c in written)
+    for path, c in written:
+        print(f"{path}: {c:,} tokens")
+    print(f"{len(written)} shard(s), {total:,} tokens")
+
+
+if __name__ == "__main__":
+    main()

@@ -414,7 +414,7 @@ class Attention(nn.Module):
 
     def forward(self, x, ve, sa_lambdas, attn_gate, ve_gate, rotary, attn_fn, cu_seqlens, max_seqlen, window):
         T, H, D, d = x.size(0), self.num_heads, self.head_dim, self.dim
-        q, k, v = F.linear(x, (sa_lambdas[0] * self.qkvo[: 3 * d]).type_as(x)).view(T, 3, H, D).unbind(1)
+        q, k, v = F.linear(x, sa_lambdas[0] * self.qkvo[: 3 * d].type_as(x)).view(T, 3, H, D).unbind(1)
         q, k = norm(q), norm(k)
         gate_in = x[:, :GATE_DIM]
         if ve is not None:
@@ -435,7 +435,7 @@ class Attention(nn.Module):
                 k = torch.cat([k[:1], k[:-1]], dim=0).where(self._offset_mask(k), k)
             y = attn_fn(q, k, v, cu_seqlens, max_seqlen, window, rotary.attn_scale)
         y = y * torch.sigmoid(F.linear(gate_in, attn_gate.type_as(x)))[..., None]
-        return F.linear(y.reshape(T, d), (sa_lambdas[1] * self.qkvo[3 * d:]).type_as(x))
+        return F.linear(y.reshape(T, d), sa_lambdas[1] * self.qkvo[3 * d:].type_as(x))
 
     def _offset_mask(self, k: Tensor) -> Tensor:
         D = self.head_dim

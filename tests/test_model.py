@@ -1,0 +1,1101 @@
+"""Tests of the model section of train_gpt.py (SPEC section 2 and the YaRN part of 4).
+
+Every check compares the code against an independent reference written here: Python
+loops, explicit masks and float64 formulas taken from the SPEC, never the code's own
+output. CPU only except the tests marked for CUDA; the tiny preset keeps it light.
+"""
+import math
+import time
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as tg
+
+F64 = torch.float64
+V_PAD = 50304  # 50257 padded to the next multiple of 128
+GATE = 12
+# SPEC section 2, written out here rather than read from the code
+ATTN_LAYERS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10]  # every layer but 6; also the gate bank order
+PAIRED = {0, 2, 5, 9}
+LONG = {3, 10}
+VE_MAP = {0: 1, 1: 2, 8: 0, 9: 1, 10: 2}  # layer -> value embedding table
+VE_ORDER = [0, 1, 8, 9, 10]  # ve_gate_bank rows
+EPS = torch.finfo(torch.float32).eps  # F.rms_norm's default eps for float32 activations
+
+CUDA = torch.cuda.is_available()
+
+
+# ------------------------------------------------------------------------------------
+# helpers: building, randomizing, capturing
+# ------------------------------------------------------------------------------------
+
+def f64(t):
+    return t.detach().to(F64).cpu()
+
+
+def bf16_round(t):
+    return t.to(torch.bfloat16).to(F64)
+
+
+def tiny_args(**overrides):
+    kw = dict(tg.PRESETS["tiny"])
+    kw.update(overrides)
+    return tg.Hyperparameters(**kw)
+
+
+def tiny_model(seed=0, **overrides):
+    torch.manual_seed(seed)
+    return tg.build_model(tiny_args(**overrides), "cpu", attn_backend="sdpa", fp8="off")
+
+
+def scalars(model):
+    sc = f64(model.scalars)
+    return dict(
+        resid=sc[tg.SC_RESID:tg.SC_RESID + 11],
+        sa=sc[tg.SC_SA:tg.SC_SA + 22].view(11, 2),
+        smear=sc[tg.SC_SMEAR].item(),
+        backout=sc[tg.SC_BACKOUT].item(),
+        skip=sc[tg.SC_SKIP].item(),
+    )
+
+
+@torch.no_grad()
+def randomize(model, seed=1, attn_out=True):
+    """Every parameter nonzero and distinct (O projections and c_proj included), so that
+    each term of the forward pass shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(shape, std):
+        return torch.randn(shape, generator=g) * std
+
+    d = model.args.model_dim
+    model.lm_head.copy_(rnd(model.lm_head.shape, 0.5))
+    model.embed.copy_(rnd(model.embed.shape, 0.5))
+    for t in model.value_embeds:
+        t.copy_(rnd(t.shape, 0.5))
+    for b in model.blocks:
+        if b.attn is not None:
+            b.attn.qkvo.copy_(rnd(b.attn.qkvo.shape, d ** -0.5))
+            if not attn_out:
+                b.attn.qkvo[3 * d:].zero_()
+        b.mlp.c_fc.copy_(rnd(b.mlp.c_fc.shape, 0.5 * d ** -0.5))
+        b.mlp.c_proj.copy_(rnd(b.mlp.c_proj.shape, 0.5 * (4 * d) ** -0.5))
+    for p in (model.attn_gate_bank, model.ve_gate_bank, model.smear_gate, model.skip_gate):
+        p.copy_(rnd(p.shape, 0.5))
+    sc = model.scalars
+    sc[tg.SC_RESID:tg.SC_RESID + 11] = 0.8 + 0.4 * torch.rand(11, generator=g)
+    sc[tg.SC_SA:tg.SC_SA + 22] = 0.4 + 0.8 * torch.rand(22, generator=g)
+    sc[tg.SC_SMEAR], sc[tg.SC_BACKOUT], sc[tg.SC_SKIP] = 0.7, 0.4, 0.3
+    model.x0_lambda.copy_(torch.rand(11, generator=g) - 0.5)
+
+
+def random_tokens(T, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 50257, (T,), generator=g), torch.randint(0, 50257, (T,), generator=g)
+
+
+def cu_tensor(cu):
+    return torch.tensor(cu, dtype=torch.int32)
+
+
+def max_len(cu):
+    return max(b - a for a, b in zip(cu[:-1], cu[1:]))
+
+
+class AttnRecorder:
+    """Stands in for model.attn_fn: calls a real backend and keeps what it was given."""
+
+    def __init__(self, fn=tg.attention_sdpa, edit=None):
+        self.fn, self.edit, self.calls = fn, edit, []
+
+    def __call__(self, q, k, v, cu_seqlens, max_seqlen, window, scale):
+        if self.edit is not None:
+            q, k, v = self.edit(len(self.calls), q, k, v)
+        out = self.fn(q, k, v, cu_seqlens, max_seqlen, window, scale)
+        self.calls.append(dict(q=q.detach().clone(), k=k.detach().clone(), v=v.detach().clone(),
+                               cu=cu_seqlens.clone(), max_seqlen=max_seqlen, window=window, scale=scale,
+                               out=out.detach().clone()))
+        return out
+
+
+@contextmanager
+def module_io(model):
+    """Captures the input (first argument) and output of every block's attn and mlp."""
+    inputs, outputs, handles = {}, {}, []
+    for i, b in enumerate(model.blocks):
+        for kind in ("attn", "mlp"):
+            mod = getattr(b, kind)
+            if mod is None:
+                continue
+
+            def pre(m, args, key=(i, kind)):
+                inputs[key] = args[0].detach().clone()
+
+            def post(m, args, out, key=(i, kind)):
+                outputs[key] = out.detach().clone()
+
+            handles += [mod.register_forward_pre_hook(pre), mod.register_forward_hook(post)]
+    try:
+        yield inputs, outputs
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def eval_loss(model, inp, tgt, cu):
+    model.eval()
+    with torch.no_grad():
+        return model(inp, tgt, cu_tensor(cu), max_len(cu))
+
+
+# ------------------------------------------------------------------------------------
+# independent references (float64)
+# ------------------------------------------------------------------------------------
+
+def ref_rmsnorm(x):
+    return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + EPS)
+
+
+def ref_freqs(head_dim):
+    n = head_dim // 4
+    return [(1 / 1024) ** (j / (n - 1)) for j in range(n)]
+
+
+def ref_rotate(x, positions, freqs):
+    """x: (N, heads, D), row n at position positions[n]. Channel pairs (2j, 2j+1) of the
+    first D/2 channels: (a, b) -> (a cos + b sin, b cos - a sin), angle p * f_j, with
+    cos/sin rounded to bf16 (the SPEC's tables); the last D/2 channels pass through."""
+    out = x.clone()
+    p = torch.tensor(list(positions), dtype=F64)[:, None]
+    for j, f in enumerate(freqs):
+        c, s = bf16_round(torch.cos(p * f)), bf16_round(torch.sin(p * f))
+        a, b = x[:, :, 2 * j], x[:, :, 2 * j + 1]
+        out[:, :, 2 * j] = a * c + b * s
+        out[:, :, 2 * j + 1] = b * c - a * s
+    return out
+
+
+def ref_doc_ids(cu, T):
+    ids = []
+    for p in range(T):
+        doc = None
+        for n, c in enumerate(cu):
+            if c <= p:
+                doc = n
+        ids.append(doc)
+    return ids
+
+
+_MASKS = {}
+
+
+def ref_mask(T, cu, window):
+    """Explicit (T, T) mask: key j visible to query i iff same document and i-w <= j <= i."""
+    key = (T, tuple(cu), window)
+    if key not in _MASKS:
+        doc = ref_doc_ids(cu, T)
+        rows = [[doc[i] == doc[j] and i - window <= j <= i for j in range(T)] for i in range(T)]
+        _MASKS[key] = torch.tensor(rows, dtype=torch.bool)
+    return _MASKS[key]
+
+
+def ref_attend(q, k, v, mask, scale):
+    s = torch.einsum("ihd,jhd->hij", q, k) * scale
+    p = torch.softmax(s.masked_fill(~mask, float("-inf")), dim=-1)
+    return torch.einsum("hij,jhd->ihd", p, v)
+
+
+def loop_attention(q, k, v, cu, window, scale):
+    """Python loops over heads, queries and keys in float64. Returns the output (T, H, D)
+    and the attention probabilities (T, H, T)."""
+    q, k, v = (np.asarray(t, dtype=np.float64) for t in (q, k, v))
+    T, H, D = q.shape
+    doc = ref_doc_ids(cu, T)
+    out = np.zeros((T, H, D))
+    probs = np.zeros((T, H, T))
+    for h in range(H):
+        for i in range(T):
+            keys = [j for j in range(T) if doc[j] == doc[i] and i - window <= j <= i]
+            logits = [scale * float(np.dot(q[i, h], k[j, h])) for j in keys]
+            m = max(logits)
+            w = [math.exp(l - m) for l in logits]
+            z = sum(w)
+            for j, wj in zip(keys, w):
+                probs[i, h, j] = wj / z
+                out[i, h] += (wj / z) * v[j, h]
+    return out, probs
+
+
+def to_pairs(x):
+    """(T, H, D) -> (2T, H/2, D): position 2t holds heads 0..H/2-1 of token t, position
+    2t+1 holds heads H/2..H-1 (explicit loops)."""
+    T, H, D = x.shape
+    hp = H // 2
+    out = x.new_zeros(2 * T, hp, D)
+    for t in range(T):
+        for h in range(hp):
+            out[2 * t, h] = x[t, h]
+            out[2 * t + 1, h] = x[t, h + hp]
+    return out
+
+
+def from_pairs(y):
+    T2, hp, D = y.shape
+    T = T2 // 2
+    out = y.new_zeros(T, 2 * hp, D)
+    for t in range(T):
+        for h in range(hp):
+            out[t, h] = y[2 * t, h]
+            out[t, h + hp] = y[2 * t + 1, h]
+    return out
+
+
+def shift_keys(k):
+    """Partial key offset by hand: channels [D/4, D/2) and [3D/4, D) of position t take
+    position t-1's values for t >= 1."""
+    T, H, D = k.shape
+    out = k.clone()
+    for t in range(1, T):
+        out[t, :, D // 4:D // 2] = k[t - 1, :, D // 4:D // 2]
+        out[t, :, 3 * D // 4:] = k[t - 1, :, 3 * D // 4:]
+    return out
+
+
+def ref_qkv(x, W, sa0, H, D):
+    d = H * D
+    T = x.shape[0]
+    q = (x @ (sa0 * W[:d]).T).view(T, H, D)
+    k = (x @ (sa0 * W[d:2 * d]).T).view(T, H, D)
+    v = (x @ (sa0 * W[2 * d:3 * d]).T).view(T, H, D)
+    return ref_rmsnorm(q), ref_rmsnorm(k), v
+
+
+def ref_attention_layer(x, W, sa0, sa1, attn_gate, ve, ve_gate, H, D, cu, window, scale, freqs,
+                        paired, key_offset):
+    """SPEC section 2 'Attention', float64. x: (T, d), W: qkvo (4d, d)."""
+    T = x.shape[0]
+    d = H * D
+    q, k, v = ref_qkv(x, W, sa0, H, D)
+    gin = x[:, :GATE]
+    if ve is not None:
+        v = v + 2 * torch.sigmoid(gin @ ve_gate.T)[..., None] * ve.view(T, H, D)
+    if paired:
+        q2, k2, v2 = to_pairs(q), to_pairs(k), to_pairs(v)
+        pos = range(2 * T)
+        q2, k2 = ref_rotate(q2, pos, freqs), ref_rotate(k2, pos, freqs)
+        mask = ref_mask(2 * T, [2 * c for c in cu], window)
+        y = from_pairs(ref_attend(q2, k2, v2, mask, scale))
+    else:
+        q, k = ref_rotate(q, range(T), freqs), ref_rotate(k, range(T), freqs)
+        if key_offset:
+            k = shift_keys(k)
+        y = ref_attend(q, k, v, ref_mask(T, cu, window), scale)
+    y = y * torch.sigmoid(gin @ attn_gate.T)[..., None]
+    return y.reshape(T, d) @ (sa1 * W[3 * d:]).T
+
+
+def ref_forward(model, tokens, cu, short_blocks, long_blocks, freqs=None, scale=0.1, use_embed=False):
+    """The whole forward pass of SPEC section 2 in float64, from the model's parameters.
+    Returns logits before the softcap and a dict of intermediate values."""
+    a = model.args
+    H, D, d, bs = a.num_heads, a.head_dim, a.model_dim, a.block_size
+    freqs = freqs or ref_freqs(D)
+    sc = scalars(model)
+    x0l = f64(model.x0_lambda)
+    cu = [int(c) for c in cu]
+    tokens = [int(t) for t in tokens]
+    T = len(tokens)
+    emb = f64(model.embed if use_embed else model.lm_head)[tokens]
+    ves = [f64(t)[tokens] for t in model.value_embeds]
+    w_smear = f64(model.smear_gate)[0]
+    x = emb.clone()
+    for t in range(1, T):
+        x[t] = emb[t] + sc["smear"] * torch.sigmoid(emb[t, :GATE] @ w_smear) * emb[t - 1]
+    x0 = ref_rmsnorm(x)
+    x = x0
+    inter = dict(x0=x0, attn_in={}, mlp_in={}, attn_out={}, out={})
+    for i in range(11):
+        if i == 6:
+            g = 2 * torch.sigmoid(torch.tensor(sc["skip"], dtype=F64)) * torch.sigmoid(x0[:, :GATE] @ f64(model.skip_gate)[0])
+            x = x + g[:, None] * inter["out"][3]
+        x = (sc["resid"][0] + x0l[0]) * x if i == 0 else sc["resid"][i] * x + x0l[i] * x0
+        blk = model.blocks[i]
+        if i != 6:
+            xin = ref_rmsnorm(x)
+            inter["attn_in"][i] = xin
+            window = (long_blocks if i in LONG else short_blocks) * bs
+            ve = ves[VE_MAP[i]] if i in VE_MAP else None
+            ve_gate = f64(model.ve_gate_bank[VE_ORDER.index(i)]) if i in VE_MAP else None
+            y = ref_attention_layer(xin, f64(blk.attn.qkvo), sc["sa"][i, 0], sc["sa"][i, 1],
+                                    f64(model.attn_gate_bank[ATTN_LAYERS.index(i)]), ve, ve_gate,
+                                    H, D, cu, window, scale, freqs, paired=i in PAIRED, key_offset=i in LONG)
+            inter["attn_out"][i] = y
+            x = x + y
+        xin = ref_rmsnorm(x)
+        inter["mlp_in"][i] = xin
+        x = x + torch.relu(xin @ f64(blk.mlp.c_fc).T) ** 2 @ f64(blk.mlp.c_proj)
+        inter["out"][i] = x
+    xf = x - sc["backout"] * inter["out"][7]
+    inter["pre_final"] = xf
+    return ref_rmsnorm(xf) @ f64(model.lm_head).T, inter
+
+
+def ref_softcap(z):
+    return 23.0 / (1.0 + torch.exp(-(z + 5.0) / 7.5))
+
+
+def ref_mtp(capped, targets, weights):
+    """sum_t sum_k w[k] * CE(logits_t, target_{t+k}) with explicit loops (float64)."""
+    T = capped.shape[0]
+    lse = torch.logsumexp(capped, dim=-1)
+    total = 0.0
+    for k, w in enumerate(weights):
+        for t in range(T - k):
+            total += w * (lse[t] - capped[t, int(targets[t + k])]).item()
+    return total
+
+
+def yarn_ref(freqs, scale, old, new, block):
+    out = []
+    for f in freqs:
+        r = block * old * f / (2 * math.pi)
+        s = old / new
+        w = min(max((r - 1) / (32 - 1), 0.0), 1.0)
+        out.append(f * (s + w * (1 - s)))
+    return out, scale * (0.2 * math.log(new / old) + 1)
+
+
+def assert_close(got, exp, atol, rtol=0.0, msg=""):
+    got, exp = f64(got), f64(exp)
+    assert got.shape == exp.shape, f"{msg}: shape {tuple(got.shape)} vs {tuple(exp.shape)}"
+    err = (got - exp).abs()
+    bound = atol + rtol * exp.abs()
+    assert bool((err <= bound).all()), f"{msg}: max abs error {err.max().item():.3g} (atol {atol}, rtol {rtol})"
+
+
+# ------------------------------------------------------------------------------------
+# 1. parameter counts, build time and dtypes of the record configuration
+# ------------------------------------------------------------------------------------
+
+def test_record_parameter_counts_on_meta():
+    model = tg.build_model(tg.Hyperparameters(), "meta")
+    named = dict(model.named_parameters())
+    assert all(p.is_meta for p in named.values())
+    d, V = 768, V_PAD
+    qkvo = sum(b.attn.qkvo.numel() for b in model.blocks if b.attn is not None)
+    mlp = sum(b.mlp.c_fc.numel() + b.mlp.c_proj.numel() for b in model.blocks)
+    head = model.lm_head.numel()
+    assert (qkvo, mlp, head) == (23_592_960, 51_904_512, 38_633_472)
+    assert (qkvo, mlp, head) == (10 * 4 * d * d, 11 * 2 * 4 * d * d, V * d)  # the same, by formula
+    assert qkvo + mlp + head == 114_130_944
+    total = sum(p.numel() for p in named.values())
+    assert total == 268_665_983
+    # the total by hand: lm_head, embed and 3 value embeddings; matrices; gates; scalars
+    assert total == 5 * V * d + qkvo + mlp + 10 * 6 * 12 + 5 * 6 * 12 + 12 + 12 + 36 + 11
+    assert model.blocks[6].attn is None and all(model.blocks[i].attn is not None for i in ATTN_LAYERS)
+
+
+def test_meta_build_is_fast():
+    tg.build_model(tg.Hyperparameters(), "meta")  # warm-up (imports, first allocations)
+    t0 = time.perf_counter()
+    tg.build_model(tg.Hyperparameters(), "meta")
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_record_dtypes_and_shapes():
+    model = tg.build_model(tg.Hyperparameters(), "meta")
+    for name, p in model.named_parameters():
+        want = torch.float32 if name in ("scalars", "x0_lambda") else torch.bfloat16
+        assert p.dtype == want, name
+    assert model.attn_gate_bank.shape == (10, 6, 12)
+    assert model.ve_gate_bank.shape == (5, 6, 12)
+    assert model.smear_gate.shape == (1, 12) and model.skip_gate.shape == (1, 12)
+    assert model.x0_lambda.shape == (11,)
+    assert model.lm_head.shape == model.embed.shape == (V_PAD, 768)
+    assert all(t.shape == (V_PAD, 768) for t in model.value_embeds)
+    for b in model.blocks:
+        assert b.mlp.c_fc.shape == b.mlp.c_proj.shape == (4 * 768, 768)
+        if b.attn is not None:
+            assert b.attn.qkvo.shape == (4 * 768, 768)
+    assert model.rotary.factor1.dtype == model.rotary.factor2.dtype == torch.bfloat16
+
+
+def test_initialization_follows_spec():
+    model = tiny_model(seed=0)
+    d = model.args.model_dim
+    assert abs(model.lm_head.float().std().item() - 0.005) < 0.0002
+    for p in (model.embed, *model.value_embeds, model.attn_gate_bank, model.ve_gate_bank,
+              model.smear_gate, model.skip_gate, model.x0_lambda):
+        assert not p.detach().float().any()
+    bound_attn, bound_fc = math.sqrt(3) * d ** -0.5, math.sqrt(3) * 0.5 * d ** -0.5
+    for b in model.blocks:
+        w = b.mlp.c_fc.detach().float()
+        assert w.abs().max() <= bound_fc * 1.001 and w.abs().max() > 0.95 * bound_fc
+        assert not b.mlp.c_proj.detach().float().any()
+        if b.attn is not None:
+            qkv = b.attn.qkvo[:3 * d].detach().float()
+            assert qkv.abs().max() <= bound_attn * 1.001 and qkv.abs().max() > 0.95 * bound_attn
+            assert abs(qkv.std().item() - bound_attn / math.sqrt(3)) < 0.03 * bound_attn
+            assert not b.attn.qkvo[3 * d:].detach().float().any()
+    sc = scalars(model)
+    assert torch.equal(sc["resid"], torch.full((11,), 1.1, dtype=torch.float32).double())
+    assert torch.equal(sc["sa"], torch.tensor([[0.5, 1.0]] * 11, dtype=F64))
+    assert (sc["smear"], sc["backout"], sc["skip"]) == (0.0, 0.5, -1.5)
+    assert model.windows == (1, 3) and model.rotary.attn_scale == 0.1
+
+
+# ------------------------------------------------------------------------------------
+# 2. loss at initialization
+# ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("overrides", [{}, dict(num_heads=4, head_dim=8, model_dim=32)],
+                         ids=["tiny", "reduced_width"])
+def test_initial_loss_is_log_vocab(overrides):
+    model = tiny_model(seed=1, **overrides)
+    T = 128
+    inp, tgt = random_tokens(T, seed=2)
+    cu = [0, 37, 90, T, T]
+    target = math.log(V_PAD)
+    ev = eval_loss(model, inp, tgt, cu).item()
+    assert abs(ev - target) < 0.02
+    model.train()
+    with torch.no_grad():
+        tr = model(inp, tgt, cu_tensor(cu), max_len(cu), torch.tensor([1.0])).item() / T
+    assert abs(tr - target) < 0.02
+    assert abs(tr - ev) < 1e-4  # same logits on CPU: sum / T == mean
+
+
+# ------------------------------------------------------------------------------------
+# 3. attention backends vs a loop reference
+# ------------------------------------------------------------------------------------
+
+ATTN_CASES = [
+    # (T, cu_seqlens padded with T, window)
+    (48, [0, 1, 2, 17, 18, 40, 48, 48, 48], 5),  # length-1 documents, padding
+    (48, [0, 48], 0),  # window 0: each query sees itself only
+    (48, [0, 10, 11, 30, 48], 1000),  # window longer than any document
+    (64, [0, 3, 4, 64, 64], 16),
+]
+
+
+def backend_fn(name, device):
+    """The backend's function, or pytest.skip when this machine cannot run it."""
+    if name == "flex" and device.type == "cpu":
+        return tg.attention_flex  # forward only on CPU: called directly
+    try:
+        _, fn, _ = tg.select_attention_backend(name, device)
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    return fn
+
+
+def run_backend(name, q, k, v, cu, max_seqlen, window, scale):
+    device = torch.device("cuda" if CUDA else "cpu")
+    fn = backend_fn(name, device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    args = [t.to(device, dtype) for t in (q, k, v)]
+    try:
+        out = fn(*args, cu_tensor(cu).to(device), max_seqlen, window, scale)
+    except Exception as e:  # e.g. FlexAttention unsupported in this build
+        if name == "sdpa":
+            raise
+        pytest.skip(f"{name} cannot run here: {type(e).__name__}: {e}")
+    tol = 2e-2 if dtype == torch.bfloat16 else 2e-5
+    return out.float().cpu(), tol
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("case", range(len(ATTN_CASES)))
+@pytest.mark.parametrize("backend", list(tg.ATTENTION_BACKENDS))
+def test_attention_backend_matches_loop_reference(backend, case):
+    T, cu, window = ATTN_CASES[case]
+    g = torch.Generator().manual_seed(10 + case)
+    H, D, scale = 2, 16, 0.3
+    q, k, v = (torch.randn(T, H, D, generator=g) for _ in range(3))
+    out, tol = run_backend(backend, q, k, v, cu, max_len(cu), window, scale)
+    ref, _ = loop_attention(q, k, v, cu, window, scale)
+    assert_close(out, torch.from_numpy(ref), atol=tol, msg=f"{backend} case {case}")
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("backend", list(tg.ATTENTION_BACKENDS))
+def test_attention_window_edge_and_documents(backend):
+    """With v = identity the output rows are the attention probabilities: key i-w is
+    visible, key i-w-1 is not; nothing crosses a document boundary."""
+    T, w = 32, 5
+    cu = [0, 12, 13, 32, 32]
+    g = torch.Generator().manual_seed(3)
+    q, k = torch.randn(T, 1, T, generator=g) * 0.3, torch.randn(T, 1, T, generator=g) * 0.3
+    v = torch.eye(T)[:, None, :]
+    probs, tol = run_backend(backend, q, k, v, cu, max_len(cu), w, 0.5)
+    probs = probs[:, 0, :]
+    _, ref = loop_attention(q, k, v, cu, w, 0.5)
+    assert_close(probs, torch.from_numpy(ref[:, 0, :]), atol=tol, msg=backend)
+    doc = ref_doc_ids(cu, T)
+    for i in range(T):
+        if i - w >= 0 and doc[i - w] == doc[i]:
+            assert probs[i, i - w] > 1e-3, (i, "key i-w must be visible")
+        if i - w - 1 >= 0:
+            assert probs[i, i - w - 1] == 0, (i, "key i-w-1 must be masked")
+        for j in range(T):
+            if doc[j] != doc[i] or j > i:
+                assert probs[i, j] == 0, (i, j)
+    assert probs[12, 12] == pytest.approx(1.0, abs=tol)  # a length-1 document sees itself only
+
+
+def test_document_ids_and_backend_selection():
+    for cu in ([0, 1, 2, 17, 18, 40, 48, 48, 48], [0, 48], [0, 5, 5, 48]):
+        got = tg.document_ids(cu_tensor(cu), 48).tolist()
+        exp = ref_doc_ids(cu, 48)
+        # same partition into documents (ids may differ only for empty documents)
+        assert all((got[i] == got[j]) == (exp[i] == exp[j]) for i in range(48) for j in range(48))
+    name, fn, _ = tg.select_attention_backend("auto", "cpu")
+    assert name == "sdpa" and fn is tg.attention_sdpa
+    with pytest.raises(RuntimeError):
+        tg.select_attention_backend("flex", "cpu")  # no backward on CPU
+    with pytest.raises(ValueError):
+        tg.select_attention_backend("nonsense", "cpu")
+
+
+# ------------------------------------------------------------------------------------
+# 4. partial key offset (and q/k as handed to the backend on every layer)
+# ------------------------------------------------------------------------------------
+
+def test_partial_key_offset_long_layers_only():
+    model = tiny_model(seed=3)
+    randomize(model, seed=4)
+    a = model.args
+    H, D, d = a.num_heads, a.head_dim, a.model_dim
+    T = 48
+    cu = [0, 20, 21, 48, 48]
+    inp, tgt = random_tokens(T, seed=5)
+    rec = AttnRecorder()
+    model.attn_fn = rec
+    with module_io(model) as (inputs, _):
+        eval_loss(model, inp, tgt, cu)
+    assert len(rec.calls) == len(ATTN_LAYERS)
+    sa = scalars(model)["sa"]
+    freqs = ref_freqs(D)
+    for call, layer in zip(rec.calls, ATTN_LAYERS):
+        x = f64(inputs[(layer, "attn")])
+        q, k, _ = ref_qkv(x, f64(model.blocks[layer].attn.qkvo), sa[layer, 0], H, D)
+        if layer in PAIRED:
+            pos = range(2 * T)
+            exp_q, exp_k = ref_rotate(to_pairs(q), pos, freqs), ref_rotate(to_pairs(k), pos, freqs)
+            assert call["cu"].tolist() == [2 * c for c in cu] and call["max_seqlen"] == 2 * max_len(cu)
+        else:
+            exp_q, exp_k = ref_rotate(q, range(T), freqs), ref_rotate(k, range(T), freqs)
+            assert call["cu"].tolist() == cu and call["max_seqlen"] == max_len(cu)
+        assert_close(call["q"], exp_q, atol=1e-4, msg=f"q of layer {layer}")
+        blocks = model.windows[1] if layer in LONG else model.windows[0]
+        assert call["window"] == blocks * a.block_size
+        if layer not in LONG:
+            assert_close(call["k"], exp_k, atol=1e-4, msg=f"k of layer {layer} (no shift)")
+            continue
+        shifted = shift_keys(exp_k)
+        assert (shifted - exp_k).abs().max() > 0.1  # the shift is visible in this data
+        assert_close(call["k"], shifted, atol=1e-4, msg=f"k of long layer {layer}")
+        got = f64(call["k"])
+        moving = list(range(D // 4, D // 2)) + list(range(3 * D // 4, D))
+        still = [c for c in range(D) if c not in moving]
+        assert_close(got[0], exp_k[0], atol=1e-4, msg="position 0 keeps its own key")
+        assert_close(got[1:, :, moving], exp_k[:-1, :, moving], atol=1e-4, msg="shifted channels")
+        assert_close(got[:, :, still], exp_k[:, :, still], atol=1e-4, msg="unshifted channels")
+        # across the document boundary at 20 too (the packed sequence is shifted)
+        assert_close(got[20, :, moving], exp_k[19, :, moving], atol=1e-4, msg="shift across documents")
+
+
+# ------------------------------------------------------------------------------------
+# 5. paired-head attention
+# ------------------------------------------------------------------------------------
+
+def paired_setup(seed, T=24, d=96, H=6, D=16):
+    torch.manual_seed(seed)
+    attn = tg.Attention(d, H, D, paired=True, key_offset=False)
+    with torch.no_grad():
+        attn.qkvo.copy_(torch.randn(4 * d, d) * d ** -0.5)  # O nonzero
+    rot = tg.YaRNRotary(D, 2 * T, 16)
+    x = torch.randn(T, d)
+    ve = torch.randn(T, d) * 0.5
+    sa = torch.tensor([0.7, 1.3])
+    attn_gate = (torch.randn(H, GATE) * 0.5).bfloat16()
+    ve_gate = (torch.randn(H, GATE) * 0.5).bfloat16()
+    return attn, rot, x, ve, sa, attn_gate, ve_gate
+
+
+@pytest.mark.parametrize("window", [1, 5, 1000])
+def test_paired_attention_matches_interleaved_reference(window):
+    attn, rot, x, ve, sa, attn_gate, ve_gate = paired_setup(seed=11)
+    T, H, D = x.shape[0], attn.num_heads, attn.head_dim
+    cu = [0, 7, 8, 15, T, T]
+    with torch.no_grad():
+        out = attn(x, ve, sa, attn_gate, ve_gate, rot, tg.attention_sdpa, cu_tensor(cu), max_len(cu), window)
+    ref = ref_attention_layer(f64(x), f64(attn.qkvo), 0.7, 1.3, f64(attn_gate), f64(ve), f64(ve_gate),
+                              H, D, cu, window, 0.1, ref_freqs(D), paired=True, key_offset=False)
+    assert_close(out, ref, atol=1e-4, msg=f"paired attention, window {window}")
+    # ... and differs from plain (unpaired) attention, so the check can tell the two apart
+    plain = ref_attention_layer(f64(x), f64(attn.qkvo), 0.7, 1.3, f64(attn_gate), f64(ve), f64(ve_gate),
+                                H, D, cu, window, 0.1, ref_freqs(D), paired=False, key_offset=False)
+    assert (plain - ref).abs().max() > 1e-2
+
+
+def test_paired_mask_second_member_visibility():
+    T, cu, window = 24, [0, 7, 8, 15, 24, 24], 5
+    m = ref_mask(2 * T, [2 * c for c in cu], window)
+    for t in range(T):
+        assert m[2 * t + 1, 2 * t + 1] and m[2 * t, 2 * t] and m[2 * t + 1, 2 * t]
+        assert not m[2 * t, 2 * t + 1]
+
+    # behaviour: O = identity exposes y * gate per head; perturb the value of one member
+    # of token t through its value embedding
+    attn, rot, x, ve, sa, attn_gate, ve_gate = paired_setup(seed=12, T=T)
+    d, H, D = attn.dim, attn.num_heads, attn.head_dim
+    with torch.no_grad():
+        attn.qkvo[3 * d:].copy_(torch.eye(d))
+    sa = torch.tensor([0.7, 1.0])
+
+    def run(ve_):
+        with torch.no_grad():
+            return attn(x, ve_, sa, attn_gate, ve_gate, rot, tg.attention_sdpa, cu_tensor(cu), max_len(cu),
+                        window).view(T, H, D)
+
+    base = run(ve)
+    t = 10  # inside the document [8, 15)
+    first, second = slice(0, H // 2), slice(H // 2, H)
+    ve2 = ve.clone().view(T, H, D)
+    ve2[t, second] += 3.0  # second members of token t (position 2t+1)
+    out = run(ve2.view(T, d))
+    assert torch.allclose(out[:t], base[:t], atol=1e-6)
+    assert torch.allclose(out[t, first], base[t, first], atol=1e-6), "query 2t must not see key 2t+1"
+    assert (out[t, second] - base[t, second]).abs().max() > 1e-2, "query 2t+1 must see key 2t+1"
+    assert (out[t + 1, first] - base[t + 1, first]).abs().max() > 1e-2  # 2t+2 sees 2t+1
+    assert torch.allclose(out[15:], base[15:], atol=1e-6)  # next documents untouched
+
+    ve3 = ve.clone().view(T, H, D)
+    ve3[t, first] += 3.0  # first members of token t (position 2t)
+    out = run(ve3.view(T, d))
+    assert torch.allclose(out[:t], base[:t], atol=1e-6)
+    assert (out[t, first] - base[t, first]).abs().max() > 1e-2
+    assert (out[t, second] - base[t, second]).abs().max() > 1e-2, "query 2t+1 sees key 2t"
+
+
+# ------------------------------------------------------------------------------------
+# 6. YaRN
+# ------------------------------------------------------------------------------------
+
+def rotary_readout(rot, P):
+    """Reads the tables through the module: (a, b) = (1, 0) in every pair gives
+    (cos, -sin), (0, 1) gives (sin, cos); the unrotated half stays 1."""
+    D = rot.head_dim
+    x = torch.zeros(P, 2, D)
+    x[:, 0, 0:D // 2:2] = 1
+    x[:, 1, 1:D // 2:2] = 1
+    x[:, :, D // 2:] = 1
+    return f64(rot(x))
+
+
+def check_rotary_state(rot, freqs, scale, P):
+    D = rot.head_dim
+    assert rot.attn_scale == pytest.approx(scale, rel=1e-12, abs=0)
+    assert_close(torch.as_tensor(rot.freqs, dtype=F64), torch.tensor(freqs, dtype=F64), atol=0, rtol=1e-12,
+                 msg="frequencies")
+    y = rotary_readout(rot, P)
+    ang = torch.arange(P, dtype=F64)[:, None] * torch.tensor(freqs, dtype=F64)[None, :]
+    cos, sin = torch.cos(ang), torch.sin(ang)
+    got = dict(cos_a=y[:, 0, 0:D // 2:2], msin=y[:, 0, 1:D // 2:2], sin=y[:, 1, 0:D // 2:2], cos_b=y[:, 1, 1:D // 2:2])
+    exp = dict(cos_a=cos, msin=-sin, sin=sin, cos_b=cos)
+    for name in got:
+        g, e = got[name], exp[name]
+        assert torch.equal(g, bf16_round(g)), f"{name}: table values are not bf16"
+        assert_close(g, e, atol=1e-30, rtol=2 ** -8, msg=f"{name} within bf16 rounding")
+        assert (g == bf16_round(e)).double().mean() > 0.99, name
+    assert torch.equal(y[:, :, D // 2:], torch.ones(P, 2, D // 2, dtype=F64))
+
+
+def test_yarn_record_schedule():
+    P = 2048
+    rot = tg.YaRNRotary(128, P, 128)
+    freqs, scale = ref_freqs(128), 0.1
+    check_rotary_state(rot, freqs, scale, P)
+    initial = (rot.factor1.clone(), rot.factor2.clone())
+    for old, new in [(3, 7), (7, 11), (11, 13)]:
+        rot.update_window(old, new)
+        freqs, scale = yarn_ref(freqs, scale, old, new, 128)
+        check_rotary_state(rot, freqs, scale, P)
+    expected = 0.1 * (0.2 * math.log(7 / 3) + 1) * (0.2 * math.log(11 / 7) + 1) * (0.2 * math.log(13 / 11) + 1)
+    assert rot.attn_scale == pytest.approx(expected, rel=1e-12)
+    assert freqs[0] == pytest.approx(1.0) and freqs[-1] < (1 / 1024) * 3 / 13 * 1.0001  # high f kept, low f stretched
+    rot.reset()
+    check_rotary_state(rot, ref_freqs(128), 0.1, P)
+    assert torch.equal(rot.factor1, initial[0]) and torch.equal(rot.factor2, initial[1])
+
+
+def test_set_windows_updates_yarn_on_the_model():
+    model = tiny_model(seed=13)
+    a = model.args
+    P = 256
+    freqs, scale = ref_freqs(a.head_dim), 0.1
+    initial = (model.rotary.factor1.clone(), model.rotary.factor2.clone())
+    model.set_windows(1, 3)  # no change of the long window: nothing happens
+    check_rotary_state(model.rotary, freqs, scale, P)
+    for short, long in [(3, 7), (5, 11), (6, 13)]:
+        old = model.windows[1]
+        model.set_windows(short, long)
+        freqs, scale = yarn_ref(freqs, scale, old, long, a.block_size)
+        check_rotary_state(model.rotary, freqs, scale, P)
+        assert model.windows == (short, long)
+    model.set_windows(6, 20, yarn=False)  # final validation window
+    assert model.windows == (6, 20)
+    check_rotary_state(model.rotary, freqs, scale, P)
+    # the forward pass uses the windows and the YaRN scale
+    rec = AttnRecorder()
+    model.attn_fn = rec
+    T, cu = 64, [0, 64]
+    eval_loss(model, *random_tokens(T, 14), cu)
+    for call, layer in zip(rec.calls, ATTN_LAYERS):
+        assert call["window"] == (20 if layer in LONG else 6) * a.block_size
+        assert call["scale"] == pytest.approx(scale, rel=1e-12)
+    model.rotary.reset()
+    check_rotary_state(model.rotary, ref_freqs(a.head_dim), 0.1, P)
+    assert torch.equal(model.rotary.factor1, initial[0]) and torch.equal(model.rotary.factor2, initial[1])
+
+
+# ------------------------------------------------------------------------------------
+# 7. the whole forward pass, smear, skip, backout, gates, value embeddings
+# ------------------------------------------------------------------------------------
+
+@pytest.fixture
+def logit_capture(monkeypatch):
+    store = []
+    orig = tg.softcap
+
+    def rec(z):
+        store.append(z.detach().clone())
+        return orig(z)
+
+    monkeypatch.setattr(tg, "softcap", rec)
+    return store
+
+
+@pytest.mark.parametrize("windows", [(1, 3), (3, 7)])
+def test_full_forward_matches_reference(windows, logit_capture):
+    model = tiny_model(seed=20)
+    randomize(model, seed=21)
+    a = model.args
+    freqs, scale = ref_freqs(a.head_dim), 0.1
+    if windows != (1, 3):
+        model.set_windows(*windows)
+        freqs, scale = yarn_ref(freqs, scale, 3, windows[1], a.block_size)
+    T = 128
+    cu = [0, 1, 30, 31, 100, T, T]
+    inp, tgt = random_tokens(T, seed=22)
+    ref_logits, _ = ref_forward(model, inp, cu, *windows, freqs=freqs, scale=scale)
+    ev = eval_loss(model, inp, tgt, cu)
+    assert len(logit_capture) == 1
+    assert ref_logits.abs().max() > 5  # nontrivial logits
+    assert_close(logit_capture[0], ref_logits, atol=2e-3, rtol=1e-3, msg="logits")
+    capped = ref_softcap(ref_logits)
+    ref_ce = (torch.logsumexp(capped, -1) - capped[torch.arange(T), tgt]).mean().item()
+    assert ev.item() == pytest.approx(ref_ce, rel=1e-4)
+    # training mode: summed multi-token loss
+    model.train()
+    w = [1.0, 0.5, 0.25]
+    with torch.no_grad():
+        tr = model(inp, tgt, cu_tensor(cu), max_len(cu), torch.tensor(w)).item()
+    assert tr == pytest.approx(ref_mtp(capped, tgt, w), rel=1e-4)
+
+
+def test_smear_mixes_previous_token_into_x0():
+    model = tiny_model(seed=30)
+    randomize(model, seed=31)
+    T, cu = 32, [0, 10, 32]
+    inp, tgt = random_tokens(T, seed=32)
+
+    def x0_of(tokens):
+        with module_io(model) as (inputs, _):
+            eval_loss(model, tokens, tgt, cu)
+        # layer 0's attention input is rmsnorm((resid + x0_lambda) * x0) = x0
+        return f64(inputs[(0, "attn")])
+
+    emb = f64(model.lm_head)[inp]
+    w = f64(model.smear_gate)[0]
+    got = {}
+    for lam in (0.0, 0.8):
+        with torch.no_grad():
+            model.scalars[tg.SC_SMEAR] = lam
+        exp = emb.clone()
+        for t in range(1, T):
+            exp[t] = emb[t] + lam * torch.sigmoid(emb[t, :GATE] @ w) * emb[t - 1]
+        got[lam] = x0_of(inp)
+        assert_close(got[lam], ref_rmsnorm(exp), atol=1e-5, msg=f"x0 with smear_lambda {lam}")
+    assert torch.allclose(got[0.0][0], got[0.8][0], atol=1e-7)  # token 0 unchanged
+    assert ((got[0.0][1:] - got[0.8][1:]).abs().amax(-1) > 1e-3).all()  # every later token mixed
+    # token t depends on token t-1 only (also across the document boundary at 10)
+    for p in (5, 9):
+        inp2 = inp.clone()
+        inp2[p] = (inp[p] + 1) % 50257
+        changed = ((x0_of(inp2) - got[0.8]).abs().amax(-1) > 1e-6).nonzero().flatten().tolist()
+        assert changed == [p, p + 1]
+
+
+def test_unet_skip_from_layer3_to_layer6(logit_capture):
+    model = tiny_model(seed=40)
+    randomize(model, seed=41)
+    T, cu = 48, [0, 20, 48]
+    inp, tgt = random_tokens(T, seed=42)
+    runs = {}
+    for skip in (-30.0, 0.3, 30.0):  # gate scale sigmoid(skip) * 2: ~0, 1.15, ~2
+        with torch.no_grad():
+            model.scalars[tg.SC_SKIP] = skip
+        with module_io(model) as (inputs, _):
+            eval_loss(model, inp, tgt, cu)
+        _, ref = ref_forward(model, inp, cu, 1, 3)
+        runs[skip] = inputs
+        assert_close(inputs[(6, "mlp")], ref["mlp_in"][6], atol=1e-4, msg=f"layer-6 input, skip {skip}")
+        assert_close(logit_capture[-1], ref_rmsnorm(ref["pre_final"]) @ f64(model.lm_head).T, atol=2e-3,
+                     rtol=1e-3, msg=f"logits, skip {skip}")
+    lo, hi = runs[-30.0], runs[30.0]
+    for i in range(6):  # layers before 6 do not see the skip
+        for kind in ("attn", "mlp"):
+            assert torch.equal(lo[(i, kind)], hi[(i, kind)]), (i, kind)
+    assert (lo[(6, "mlp")] - hi[(6, "mlp")]).abs().max() > 1e-2
+    # with the gate ~0 the layer-6 input is resid * x5 + x0_lambda * x0, no skip term
+    sc = scalars(model)
+    with torch.no_grad():
+        model.scalars[tg.SC_SKIP] = -30.0
+    _, ref = ref_forward(model, inp, cu, 1, 3)
+    x5, x0 = ref["out"][5], ref["x0"]
+    no_skip = ref_rmsnorm(sc["resid"][6] * x5 + f64(model.x0_lambda)[6] * x0)
+    assert_close(lo[(6, "mlp")], no_skip, atol=1e-4, msg="skip gate closed")
+
+
+def test_backout_subtracts_layer7_output(monkeypatch):
+    model = tiny_model(seed=50)
+    randomize(model, seed=51)
+    T, cu = 48, [0, 48]
+    inp, tgt = random_tokens(T, seed=52)
+    seen = []
+    orig = tg.norm
+
+    def rec(x):
+        seen.append(x.detach().clone())
+        return orig(x)
+
+    monkeypatch.setattr(tg, "norm", rec)
+    pre_final = {}
+    for b in (0.0, 0.4):
+        with torch.no_grad():
+            model.scalars[tg.SC_BACKOUT] = b
+        seen.clear()
+        eval_loss(model, inp, tgt, cu)
+        pre_final[b] = f64(seen[-1])  # the last rmsnorm is the final one
+    _, ref = ref_forward(model, inp, cu, 1, 3)
+    x7 = ref["out"][7]
+    assert_close(pre_final[0.4] - pre_final[0.0], -0.4 * x7, atol=1e-4, msg="backout term")
+    assert_close(pre_final[0.4], ref["pre_final"], atol=1e-4, rtol=1e-4, msg="final pre-norm x")
+
+
+def test_output_gate_per_layer_mapping():
+    """Each attention layer's output is O(y * sigmoid(x[:12] @ G.T)) with G its own row of
+    attn_gate_bank (rows in layer order, layer 6 skipped)."""
+    model = tiny_model(seed=60)
+    randomize(model, seed=61)
+    a = model.args
+    H, D, d = a.num_heads, a.head_dim, a.model_dim
+    T, cu = 32, [0, 12, 32]
+    inp, tgt = random_tokens(T, seed=62)
+    rec = AttnRecorder()
+    model.attn_fn = rec
+    with module_io(model) as (inputs, outputs):
+        eval_loss(model, inp, tgt, cu)
+    sa = scalars(model)["sa"]
+    for call, layer in zip(rec.calls, ATTN_LAYERS):
+        y = f64(call["out"])
+        y = from_pairs(y) if layer in PAIRED else y
+        x = f64(inputs[(layer, "attn")])
+        for j in range(len(ATTN_LAYERS)):
+            gate = torch.sigmoid(x[:, :GATE] @ f64(model.attn_gate_bank[j]).T)
+            exp = (y * gate[..., None]).reshape(T, d) @ (sa[layer, 1] * f64(model.blocks[layer].attn.qkvo[3 * d:])).T
+            match = torch.allclose(f64(outputs[(layer, "attn")]), exp, atol=1e-4)
+            assert match == (j == ATTN_LAYERS.index(layer)), (layer, j)
+
+
+def test_output_gate_closed_and_open():
+    """Zero/one gate on a plain attention module: a large negative gate silences it, a
+    large positive one passes y unchanged."""
+    torch.manual_seed(63)
+    d, H, D, T = 96, 6, 16, 16
+    attn = tg.Attention(d, H, D, paired=False, key_offset=True)
+    with torch.no_grad():
+        attn.qkvo.copy_(torch.randn(4 * d, d) * d ** -0.5)
+    rot = tg.YaRNRotary(D, 2 * T, 16)
+    x = torch.randn(T, d)
+    x[:, :GATE] = x[:, :GATE].abs() + 0.1  # gate inputs positive, so sign(G) decides
+    sa = torch.tensor([0.9, 1.1])
+    cu = [0, 5, T]
+
+    def run(gval):
+        gate = torch.full((H, GATE), gval).bfloat16()
+        with torch.no_grad():
+            return attn(x, None, sa, gate, None, rot, tg.attention_sdpa, cu_tensor(cu), max_len(cu), 4)
+
+    open_ref = ref_attention_layer(f64(x), f64(attn.qkvo), 0.9, 1.1, torch.full((H, GATE), 1e4, dtype=F64),
+                                   None, None, H, D, cu, 4, 0.1, ref_freqs(D), paired=False, key_offset=True)
+    assert open_ref.abs().max() > 0.1
+    assert_close(run(40.0), open_ref, atol=1e-4, msg="open gate")
+    assert run(-40.0).abs().max() < 1e-6
+    assert_close(run(0.0), open_ref / 2, atol=1e-4, msg="gate 0 -> sigmoid 1/2")
+
+
+def test_value_embeddings_on_the_right_layers():
+    """With O = 0 the attention adds nothing to the stream, so turning on one value
+    embedding table changes v exactly on the layers that use it, by the gated ve."""
+    model = tiny_model(seed=70)
+    randomize(model, seed=71, attn_out=False)
+    a = model.args
+    H, D = a.num_heads, a.head_dim
+    T, cu = 32, [0, 7, 32]
+    inp, tgt = random_tokens(T, seed=72)
+    tables = [t.detach().clone() for t in model.value_embeds]
+
+    def run():
+        rec = AttnRecorder()
+        model.attn_fn = rec
+        with module_io(model) as (inputs, _):
+            eval_loss(model, inp, tgt, cu)
+        return rec.calls, inputs
+
+    with torch.no_grad():
+        for t in model.value_embeds:
+            t.zero_()
+    base, inputs = run()
+    for n in range(3):
+        with torch.no_grad():
+            for m, t in enumerate(model.value_embeds):
+                t.copy_(tables[m] if m == n else torch.zeros_like(t))
+        calls, inputs_n = run()
+        ve = f64(tables[n])[inp].view(T, H, D)
+        for c0, c1, layer in zip(base, calls, ATTN_LAYERS):
+            assert torch.equal(inputs[(layer, "attn")], inputs_n[(layer, "attn")])
+            diff = f64(c1["v"]) - f64(c0["v"])
+            if VE_MAP.get(layer) == n:
+                x = f64(inputs[(layer, "attn")])
+                gate = 2 * torch.sigmoid(x[:, :GATE] @ f64(model.ve_gate_bank[VE_ORDER.index(layer)]).T)
+                exp = gate[..., None] * ve
+                exp = to_pairs(exp) if layer in PAIRED else exp
+                assert_close(diff, exp, atol=1e-5, msg=f"ve{n} on layer {layer}")
+                assert exp.abs().max() > 0.1
+            else:
+                assert diff.abs().max() == 0, f"ve{n} must not reach layer {layer}"
+
+
+# ------------------------------------------------------------------------------------
+# 8. gradient flow and the embed split
+# ------------------------------------------------------------------------------------
+
+def test_gradient_flow_and_embed_split():
+    model = tiny_model(seed=80)
+    randomize(model, seed=81)
+    model.train()
+    T, cu = 64, [0, 25, 64]
+    inp, tgt = random_tokens(T, seed=82)
+    w = torch.tensor([1.0, 0.5, 0.25])
+    loss = model(inp, tgt, cu_tensor(cu), max_len(cu), w)
+    loss.backward()
+    for name, p in model.named_parameters():
+        if name == "embed":
+            assert p.grad is None, "embed is unused before the split"
+        else:
+            assert p.grad is not None, name
+            assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    tied_head_grad = f64(model.lm_head.grad)
+    model.zero_grad(set_to_none=True)
+
+    model.split_embed()
+    assert torch.equal(model.embed, model.lm_head)
+    loss2 = model(inp, tgt, cu_tensor(cu), max_len(cu), w)
+    assert loss2.item() == pytest.approx(loss.item(), rel=1e-6)  # same function right after the split
+    loss2.backward()
+    assert model.embed.grad is not None and model.lm_head.grad is not None
+    eg, hg = f64(model.embed.grad), f64(model.lm_head.grad)
+    used = torch.zeros(V_PAD, dtype=torch.bool)
+    used[inp] = True
+    assert eg[used].abs().sum() > 0 and eg[~used].abs().max() == 0  # embed: input rows only
+    # tied gradient = head part + input part
+    assert_close(hg + eg, tied_head_grad, atol=1e-3 * tied_head_grad.abs().max().item(), rtol=2e-2,
+                 msg="tied grad split")
+    # the input path now reads embed: x0 = rmsnorm(smear(embed[tokens]))
+    with torch.no_grad():
+        model.embed.add_(torch.randn(model.embed.shape) * 0.3)
+        model.scalars[tg.SC_SMEAR] = 0.0
+    with module_io(model) as (inputs, _):
+        eval_loss(model, inp, tgt, cu)
+    assert_close(inputs[(0, "attn")], ref_rmsnorm(f64(model.embed)[inp]), atol=1e-5, msg="x0 from embed")
+
+
+# ------------------------------------------------------------------------------------
+# 9. multi-token prediction loss and softcap
+# ------------------------------------------------------------------------------------
+
+def test_mtp_loss_matches_cross_entropy_reference():
+    g = torch.Generator().manual_seed(90)
+    T, V = 20, 37
+    logits = torch.randn(T, V, generator=g) * 3
+    targets = torch.randint(0, V, (T,), generator=g)
+    for weights in ([1.0], [1.0, 0.5], [1.0, 0.5, 0.25], [0.3, 0.0, 2.0]):
+        ref = sum(w * F.cross_entropy(logits[:T - k].double(), targets[k:], reduction="sum")
+                  for k, w in enumerate(weights))
+        got = tg.mtp_loss(logits, targets, torch.tensor(weights))
+        assert got.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert got.item() == pytest.approx(ref_mtp(logits.double(), targets, weights), rel=1e-5)
+
+
+def test_softcap_formula():
+    z = torch.linspace(-80, 80, 1601)
+    assert_close(tg.softcap(z), ref_softcap(z.double()), atol=1e-5, rtol=1e-6, msg="softcap")
+    assert tg.softcap(torch.tensor(-5.0)).item() == pytest.approx(11.5)
+
+
+# ------------------------------------------------------------------------------------
+# 10. FP8 head
+# ------------------------------------------------------------------------------------
+
+def test_fp8_not_supported_on_cpu():
+    ok, msg = tg.fp8_supported("cpu")
+    assert ok is False and isinstance(msg, str) and msg
+    model = tg.build_model(tiny_args(), "cpu", attn_backend="sdpa", fp8="auto")
+    assert model.use_fp8 is False and model.act_dtype == torch.float32
+    with pytest.raises(RuntimeError):
+        tg.build_model(tiny_args(), "cpu", attn_backend="sdpa", fp8="on")
+
+
+def _fp8_capable():
+    return CUDA and torch.cuda.get_device_capability() >= (8, 9)
+
+
+@pytest.mark.skipif(not _fp8_capable(), reason="needs a CUDA GPU with FP8 (compute capability >= 8.9)")
+def test_fp8_mm_matches_quantized_reference():
+    assert tg.fp8_supported("cuda")[0]
+    g = torch.Generator(device="cuda").manual_seed(100)
+    x = torch.randn(128, 256, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(512, 256, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
+    x.requires_grad_()
+    xs, ws, gs = tg.FP8_X_SCALE, tg.FP8_W_SCALE, tg.FP8_GRAD_SCALE
+    out = tg.fp8_mm(x, w, xs, ws, gs)[0]
+    assert out.dtype == torch.bfloat16
+
+    def q(t, s, dt):
+        return (t.detach().double() / s).to(dt).double() * s
+
+    xq, wq = q(x, xs, torch.float8_e4m3fn), q(w, ws, torch.float8_e4m3fn)
+    ref = xq @ wq.T
+    assert (out.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
+    grad = torch.randn(out.shape, device="cuda", generator=g).bfloat16() * 1e-3
+    out.backward(grad)
+    gq = q(grad, gs, torch.float8_e5m2)
+    for got, exp in ((x.grad, gq @ wq), (w.grad, gq.T @ xq)):
+        assert (got.double() - exp).abs().max() <= 2e-2 * exp.abs().max()

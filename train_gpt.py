@@ -378,15 +378,16 @@ class _MuonGroup:
 
 class NorMuon:
     """NorMuon (SPEC 3, items 1-7) for equally-shaped 2-D matrices, each rank updating its chunk.
+    The (scheduled) lr and momentum are given to each step.
 
     ortho_dtype: dtype of the Polar Express work (default bf16 on CUDA, fp32 elsewhere).
     """
 
-    def __init__(self, params: list[Tensor], labels: list[str], lr: float, weight_decay: float,
-                 beta2: float, rank: int = 0, world_size: int = 1, packed: bool | None = None,
+    def __init__(self, params: list[Tensor], labels: list[str], weight_decay: float, beta2: float,
+                 rank: int = 0, world_size: int = 1, packed: bool | None = None,
                  ortho_dtype: torch.dtype | None = None):
         self.params, self.labels = list(params), list(labels)
-        self.lr, self.weight_decay, self.beta2 = lr, weight_decay, beta2
+        self.weight_decay, self.beta2 = weight_decay, beta2
         self.rank, self.world_size = rank, world_size
         self.groups: list[_MuonGroup] = []
         if not self.params:
@@ -459,8 +460,8 @@ class NorMuon:
             if mine:
                 send[:len(mine)].copy_(new)
             out = ref.new_empty(len(g.members), *ref.shape)
-            gathers.append((dist.all_gather_into_tensor(out, send, async_op=True), g, out))
-        for work, g, out in gathers:
+            gathers.append((dist.all_gather_into_tensor(out, send, async_op=True), g, out, send))
+        for work, g, out, _ in gathers:
             work.wait()
             slots = [j for j, i in enumerate(g.members) if i is not None]
             torch._foreach_copy_([self.params[g.members[j]] for j in slots], [out[j] for j in slots])
@@ -529,9 +530,9 @@ class DistAdam:
     reduce-scattered along dim 0, updated shard-wise (sharded state) and all-gathered.
     """
 
-    def __init__(self, params: list[Tensor], labels: list[str], lr: float, eps: float,
-                 weight_decay: float, rank: int = 0, world_size: int = 1):
-        self.lr, self.eps, self.weight_decay = lr, eps, weight_decay
+    def __init__(self, params: list[Tensor], labels: list[str], eps: float, weight_decay: float,
+                 rank: int = 0, world_size: int = 1):
+        self.eps, self.weight_decay = eps, weight_decay
         self.rank, self.world_size = rank, world_size
         self.armed = False
         self.slots: list[_AdamSlot] = []
@@ -655,10 +656,10 @@ class Optimizers:
                                  f"{sorted(MUON_LR_MUL) + sorted(ADAM_LABELS)}")
             dest[0].append(p)
             dest[1].append(label)
-        self.muon = NorMuon(*muon, lr=args.muon_lr, weight_decay=args.muon_weight_decay,
-                            beta2=args.muon_beta2, rank=rank, world_size=world_size, packed=muon_packed)
-        self.adam = DistAdam(*adam, lr=args.adam_lr, eps=args.adam_eps,
-                             weight_decay=args.adam_weight_decay, rank=rank, world_size=world_size)
+        self.muon = NorMuon(*muon, weight_decay=args.muon_weight_decay, beta2=args.muon_beta2,
+                            rank=rank, world_size=world_size, packed=muon_packed)
+        self.adam = DistAdam(*adam, eps=args.adam_eps, weight_decay=args.adam_weight_decay,
+                             rank=rank, world_size=world_size)
 
     def arm_adam_sync(self, flag: bool) -> None:
         """Let the Adam gradient hooks start their collectives during the next backward."""
@@ -693,6 +694,7 @@ class Optimizers:
         even step leaves for the next step), as a restored state has none pending."""
         self.muon.load_state_dict(state["muon"])
         self.adam.load_state_dict(state["adam"])
+        self.adam.armed = False
         for p in self.muon.params + [s.param for s in self.adam.slots]:
             p.grad = None
 

@@ -420,7 +420,7 @@ class NorMuon:
             ))
 
     def _stacked_grads(self, g: _MuonGroup) -> Tensor:
-        first = self.params[next(i for i in g.members if i is not None)]
+        first = self.params[g.members[0]]  # groups start with a real matrix; pads come last
         zero = None
         grads = []
         for i in g.members:
@@ -455,7 +455,7 @@ class NorMuon:
             if self.world_size == 1:
                 torch._foreach_copy_(mine, list(new.unbind(0)))
                 continue
-            ref = self.params[next(i for i in g.members if i is not None)]
+            ref = self.params[g.members[0]]
             send = ref.new_zeros(g.per_rank, *ref.shape)
             if mine:
                 send[:len(mine)].copy_(new)

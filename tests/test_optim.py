@@ -84,10 +84,6 @@ class FakeModel(nn.Module):
         self.mlp_proj = nn.ParameterList([param((4 * D, D), "mlp_proj") for _ in range(11)])
 
 
-def labelled(model):
-    return [(name, p) for name, p in model.named_parameters()]
-
-
 def muon_names(model):
     return [n for n, p in model.named_parameters() if p.label in REF_MUON_LR_MUL]
 

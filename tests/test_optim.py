@@ -1,0 +1,532 @@
+"""Tests of the optimizers (train_gpt.py section 3) and the symmetric matmuls (section 2a).
+
+Every expectation comes from an independent reference written here from SPEC section 3
+(naive loops in float64, SVD polar factors), never from the code's own output.
+"""
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import train_gpt as T
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # one intra-op thread: OpenMP threads spin pathologically (10x slower LAPACK) on a busy
+    # 2-core machine, and the small matrices here gain nothing from more
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+# ---- reference hyperparameters, transcribed from SPEC 3 -------------------------------
+PE_COEFFS = [
+    (8.156554524902461, -22.48329292557795, 15.878769915207462),
+    (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+    (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+    (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+    (2.3465413258596377, -1.7097828382687081, 0.42323551169305323),
+]
+REF_ADAM = {  # label: (beta1, beta2, lr_mul, wd_mul)
+    "lm_head": (0.5, 0.95, 1, 150),
+    "embed": (0.5, 0.95, 1, 150),
+    "value_embed": (0.75, 0.95, 75, 5),
+    "attn_gate_bank": (0.9, 0.99, 1, 1),
+    "ve_gate_bank": (0.9, 0.99, 1, 1),
+    "smear_gate": (0.9, 0.99, 0.01, 0),
+    "skip_gate": (0.9, 0.99, 0.05, 0),
+    "scalars": (0.9, 0.99, 5, 0),
+    "x0_lambda": (0.65, 0.95, 5, 0),
+}
+REF_MUON_LR_MUL = {"attn": 1, "mlp_fc": 1, "mlp_proj": 2}
+MUON_LR, MUON_WD, MUON_B2 = 0.023, 1.2, 0.95
+ADAM_LR, ADAM_EPS, ADAM_WD = 0.008, 1e-10, 0.005
+
+# ---- a small model with every label (d = 16) ------------------------------------------
+D, V, H_BIG = 16, 64, 9  # attn_gate_bank (10, 9, 12) has 1080 >= 1024 elements, dim 0 = 10
+
+
+class FakeModel(nn.Module):
+    def __init__(self, seed=0, adam_dtype=torch.bfloat16):
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+
+        def param(shape, label, dtype=torch.bfloat16, scale=0.5):
+            p = nn.Parameter((torch.randn(shape, generator=gen) * scale).to(dtype))
+            p.label = label
+            return p
+
+        a = adam_dtype
+        self.lm_head = param((V, D), "lm_head", a)
+        self.embed = param((V, D), "embed", a)
+        self.value_embeds = nn.ParameterList([param((V, D), "value_embed", a) for _ in range(3)])
+        self.attn_gate_bank = param((10, H_BIG, 12), "attn_gate_bank", a)
+        self.ve_gate_bank = param((5, 2, 12), "ve_gate_bank", a)
+        # tiny values: their lr_mul (0.01, 0.05) makes steps below a bf16 ulp of 0.5
+        self.smear_gate = param((1, 12), "smear_gate", a, scale=1e-3)
+        self.skip_gate = param((1, 12), "skip_gate", a, scale=1e-3)
+        self.scalars = param((36,), "scalars", torch.float32)
+        self.x0_lambda = param((11,), "x0_lambda", torch.float32)
+        self.attn = nn.ParameterList([param((4 * D, D), "attn") for _ in range(10)])
+        self.mlp_fc = nn.ParameterList([param((4 * D, D), "mlp_fc") for _ in range(11)])
+        self.mlp_proj = nn.ParameterList([param((4 * D, D), "mlp_proj") for _ in range(11)])
+
+
+def muon_names(model):
+    return [n for n, p in model.named_parameters() if p.label in REF_MUON_LR_MUL]
+
+
+def adam_names(model):
+    return [n for n, p in model.named_parameters() if p.label in REF_ADAM]
+
+
+def random_grads(model, seed, names=None):
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(p.shape, generator=gen).to(p.dtype)
+            for n, p in model.named_parameters() if names is None or n in names}
+
+
+def set_grads(model, grads, accumulate=False):
+    for n, p in model.named_parameters():
+        if n in grads:
+            if accumulate and p.grad is not None:
+                p.grad += grads[n]
+            else:
+                p.grad = grads[n].clone()
+
+
+def master_weights(opt):
+    """fp32 master weight of every Muon matrix, rebuilt from bf16 bits + mantissa with numpy."""
+    out = {}
+    for g in opt.muon.groups:
+        for j, i in enumerate(g.mine):
+            p = opt.muon.params[i]
+            hi = p.detach().view(torch.int16).numpy().astype(np.uint16).astype(np.uint32) << 16
+            lo = g.mantissa[j].view(torch.int16).numpy().astype(np.uint16).astype(np.uint32)
+            out[id(p)] = torch.from_numpy((hi | lo).view(np.float32).copy())
+    return out
+
+
+# ---- independent references -------------------------------------------------------------
+def ref_polar_express(G):
+    X = G / (torch.linalg.norm(G) * 1.02 + 1e-6)
+    tall = X.shape[0] > X.shape[1]
+    if tall:
+        X = X.T
+    for a, b, c in PE_COEFFS:
+        A = X @ X.T
+        B = b * A + c * (A @ A)
+        X = a * X + B @ X
+    return X.T if tall else X
+
+
+class RefMuon:
+    """One NorMuon matrix, float64, straight from SPEC 3 items 1-5."""
+
+    def __init__(self, p, label):
+        self.p = p.detach().double().clone()
+        self.label = label
+        self.m = torch.zeros_like(self.p)
+        rows, cols = self.p.shape
+        self.s = torch.zeros(rows, 1, dtype=torch.float64) if rows >= cols else torch.zeros(1, cols, dtype=torch.float64)
+
+    def step(self, g, lr, mu, wd=MUON_WD, beta2=MUON_B2):
+        g = g.double()
+        self.m = self.m + (1 - mu) * (g - self.m)
+        u = g + mu * (self.m - g)
+        rows, cols = u.shape
+        if self.label == "attn":
+            d = rows // 4
+            o = torch.cat([ref_polar_express(u[k * d:(k + 1) * d]) for k in range(4)])
+        else:
+            o = ref_polar_express(u)
+        v = (o ** 2).mean(dim=1, keepdim=True) if rows >= cols else (o ** 2).mean(dim=0, keepdim=True)
+        self.s = self.s + (1 - beta2) * (v - self.s)
+        o2 = o / torch.sqrt(torch.clamp(self.s, min=1e-10))
+        o2 = o2 * (torch.linalg.norm(o) / torch.linalg.norm(o2))
+        lr_p = lr * math.sqrt(max(1.0, rows / cols)) * REF_MUON_LR_MUL[self.label]
+        mask = (o2 * self.p >= 0).double()
+        self.p = self.p - lr_p * o2 - lr_p * (wd * lr) * self.p * mask
+
+
+class RefAdam:
+    """One Adam tensor, float64; the parameter is stored in `dtype` (rounded) after each step."""
+
+    def __init__(self, p, label, wd=ADAM_WD):
+        self.p = p.detach().double().clone()
+        self.dtype = p.dtype
+        self.b1, self.b2, self.lr_mul, self.wd_mul = REF_ADAM[label]
+        self.m = torch.zeros_like(self.p)
+        self.v = torch.zeros_like(self.p)
+        self.t = 0
+        self.wd = wd
+
+    def step(self, g, lr):
+        g = g.double()
+        self.t += 1
+        self.m = self.b1 * self.m + (1 - self.b1) * g
+        self.v = self.b2 * self.v + (1 - self.b2) * g * g
+        lr_p = lr * self.lr_mul
+        upd = lr_p * math.sqrt(1 - self.b2 ** self.t) / (1 - self.b1 ** self.t) * self.m / (self.v.sqrt() + ADAM_EPS)
+        upd = upd + lr_p ** 2 * self.wd * self.wd_mul * self.p * (upd * self.p > 0).double()
+        self.p = (self.p - upd).to(self.dtype).double()
+
+
+def make_opt(model, rank=0, world_size=1, **kw):
+    return T.Optimizers(model, T.Hyperparameters(), rank, world_size, **kw)
+
+
+# ---- Polar Express -----------------------------------------------------------------------
+@pytest.mark.parametrize("shape", [(3072, 768), (768, 3072)])
+def test_polar_express_matches_svd_polar_factor(shape):
+    G = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    O = T.polar_express(G).double()
+    assert O.shape == G.shape
+    U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
+    polar = U @ Vh
+    s = torch.linalg.svdvals(O)
+    assert 0.8 <= s.min().item() and s.max().item() <= 1.2, (s.min().item(), s.max().item())
+    assert (torch.linalg.norm(O - polar) / torch.linalg.norm(polar)).item() < 0.15
+
+
+def test_polar_express_bf16_and_batched():
+    gen = torch.Generator().manual_seed(2)
+    G = torch.randn(3, 48, 160, generator=gen)
+    G[1] *= 1e3  # the batch is normalized per matrix
+    O = T.polar_express(G.bfloat16())
+    assert O.dtype == torch.bfloat16 and O.shape == G.shape
+    for k in range(3):
+        U, _, Vh = torch.linalg.svd(G[k].double(), full_matrices=False)
+        polar = U @ Vh
+        err = torch.linalg.norm(O[k].double() - polar) / torch.linalg.norm(polar)
+        assert err.item() < 0.2
+        s = torch.linalg.svdvals(O[k].double())
+        assert 0.7 <= s.min().item() and s.max().item() <= 1.3
+    # 2-D input gives the same result as a batch of one
+    O2 = T.polar_express(G[0])
+    assert torch.allclose(O2, T.polar_express(G[:1])[0])
+
+
+def test_attention_update_is_orthogonalized_as_four_blocks():
+    d = 64
+    gen = torch.Generator().manual_seed(3)
+    blocks = []
+    for scale in (1.0, 1e-3, 1e2, 1e-1):  # very different block scales
+        Q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        R, _ = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64))
+        s = torch.linspace(0.5, 1.0, d, dtype=torch.float64)
+        blocks.append(scale * Q @ torch.diag(s) @ R)
+    u = torch.cat(blocks).float().unsqueeze(0)  # (1, 4d, d)
+    o = T.orthogonalize_update(u, attn=True)[0].double()
+    for k in range(4):
+        sv = torch.linalg.svdvals(o[k * d:(k + 1) * d])
+        assert 0.8 <= sv.min().item() and sv.max().item() <= 1.2, (k, sv.min().item(), sv.max().item())
+    # orthogonalizing the whole (4d, d) matrix instead would leave the small blocks tiny
+    whole = T.orthogonalize_update(u, attn=False)[0].double()
+    assert torch.linalg.svdvals(whole[d:2 * d]).max().item() < 0.1
+
+
+# ---- Triton kernels (interpreter, in a subprocess) ---------------------------------------
+def test_triton_sym_kernels_under_interpreter():
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    res = subprocess.run([sys.executable, os.path.join(HERE, "sym_kernels_check.py")], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_sym_matmul_torch_fallback():
+    gen = torch.Generator().manual_seed(4)
+    A = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
+    torch.testing.assert_close(T.sym_xxt(A), torch.einsum("bik,bjk->bij", A, A))
+    S = T.sym_xxt(A)
+    ref = 0.3 * S + -1.7 * torch.einsum("bik,bkj->bij", S, S)
+    torch.testing.assert_close(T.sym_ba_plus_caa(S, 0.3, -1.7), ref)
+    torch.testing.assert_close(T.sym_ba_plus_caa(S[0], 0.3, -1.7), ref[0])
+
+
+# ---- mantissa ----------------------------------------------------------------------------
+def test_mantissa_reconstructs_fp32_master_bit_for_bit():
+    gen = torch.Generator().manual_seed(5)
+    master = torch.randn(4096, generator=gen)
+    p = torch.empty(4096, dtype=torch.bfloat16)
+    mant = torch.empty(4096, dtype=torch.uint16)
+    T.split_fp32_to_bf16_and_mantissa(master.clone(), p, mant)
+    for it in range(200):
+        upd = torch.randn(4096, generator=gen) * 10.0 ** (-1 - it % 6)
+        cur = T.fp32_from_bf16_and_mantissa(p, mant)
+        T.split_fp32_to_bf16_and_mantissa(cur - upd - 0.01 * cur, p, mant)
+        master = master - upd - 0.01 * master
+    bits = master.numpy().view(np.uint32)
+    assert np.array_equal(p.view(torch.int16).numpy().view(np.uint16), (bits >> 16).astype(np.uint16))
+    assert np.array_equal(mant.view(torch.int16).numpy().view(np.uint16), (bits & 0xFFFF).astype(np.uint16))
+    # the bf16 parameter is the truncated master (not rounded), so |p| <= |master|
+    assert torch.all(p.float().abs() <= master.abs())
+
+
+# ---- NorMuon vs reference ---------------------------------------------------------------
+def test_normuon_two_steps_match_reference():
+    torch.manual_seed(0)
+    model = FakeModel()
+    opt = make_opt(model)
+    names = muon_names(model)
+    params = dict(model.named_parameters())
+    refs = {n: RefMuon(params[n], params[n].label) for n in names}
+    for step, (lr_mult, mu) in enumerate([(1.0, 0.85), (1.52, 0.9), (0.4, 0.95)]):
+        grads = random_grads(model, 100 + step, names)
+        set_grads(model, grads)
+        opt.step(lr_mult, mu, adam_step=False)
+        for n in names:
+            refs[n].step(grads[n], MUON_LR * lr_mult, mu)
+            assert params[n].grad is None
+    masters = master_weights(opt)
+    for n in names:
+        p = params[n]
+        got = masters[id(p)].double()
+        torch.testing.assert_close(got, refs[n].p, rtol=0, atol=2e-5, msg=n)
+        # the bf16 parameter is the top half of the master
+        assert torch.equal(p.detach(), got.float().view(torch.int32).bitwise_and(-65536).view(torch.float32).bfloat16())
+    # the updates are far larger than the tolerance
+    init = dict(FakeModel().named_parameters())
+    assert min((refs[n].p - init[n].double()).abs().max().item() for n in names) > 1e-2
+
+
+def test_normuon_wide_matrix_uses_per_column_second_moment():
+    gen = torch.Generator().manual_seed(6)
+    p = nn.Parameter(torch.randn(16, 64, generator=gen).bfloat16())
+    muon = T.NorMuon([p], ["mlp_fc"], weight_decay=MUON_WD, beta2=MUON_B2)
+    assert muon.groups[0].second_moment.shape == (1, 1, 64)
+    ref = RefMuon(p, "mlp_fc")
+    for step in range(2):
+        g = torch.randn(16, 64, generator=gen).bfloat16()
+        p.grad = g.clone()
+        muon.step(0.02, 0.9)
+        ref.step(g, 0.02, 0.9)
+    got = T.fp32_from_bf16_and_mantissa(p.detach(), muon.groups[0].mantissa[0]).double()
+    torch.testing.assert_close(got, ref.p, rtol=0, atol=2e-5)
+
+
+# ---- Adam vs reference ------------------------------------------------------------------
+@pytest.mark.parametrize("adam_dtype", [torch.float32, torch.bfloat16])
+def test_adam_steps_match_reference_including_even_step(adam_dtype):
+    model = FakeModel(adam_dtype=adam_dtype)
+    opt = make_opt(model)
+    names = adam_names(model)
+    params = dict(model.named_parameters())
+    refs = {n: RefAdam(params[n], params[n].label) for n in names}
+    # odd step
+    g1 = random_grads(model, 200)
+    set_grads(model, g1)
+    opt.step(1.0, 0.85, adam_step=True)
+    for n in names:
+        refs[n].step(g1[n], ADAM_LR)
+        assert params[n].grad is None
+    # even step: Adam parameters do not move and keep their gradients
+    before = {n: params[n].detach().clone() for n in names}
+    g2 = random_grads(model, 201)
+    set_grads(model, g2)
+    opt.step(1.52, 0.9, adam_step=False)
+    for n in names:
+        assert torch.equal(params[n].detach(), before[n]), n
+        assert torch.equal(params[n].grad, g2[n]), n
+    # odd step: the two steps' gradients are used together
+    g3 = random_grads(model, 202)
+    set_grads(model, g3, accumulate=True)
+    opt.step(1.73, 0.95, adam_step=True)
+    for n in names:
+        refs[n].step(g2[n] + g3[n], ADAM_LR * 1.73)  # accumulated in the param dtype, as autograd does
+    for n in names:
+        got = params[n].detach().double()
+        if params[n].dtype == torch.float32:  # scalars, x0_lambda: always fp32
+            torch.testing.assert_close(got, refs[n].p, rtol=1e-6, atol=1e-6, msg=n)
+        else:  # bf16 storage: equal up to a rare differently rounded tie (one bf16 ulp)
+            assert torch.all((got - refs[n].p).abs() <= refs[n].p.abs() * 2 ** -7), n
+            assert (got != refs[n].p).double().mean().item() < 0.01, n
+
+
+def test_adam_weight_decay_is_cautious_and_scaled_by_lr_squared():
+    # value embeddings: lr_p = 0.008 * 75 = 0.6, decay lr_p^2 * 0.005 * 5 * p = 0.009 p where it applies
+    model = FakeModel(adam_dtype=torch.float32)
+    opt = make_opt(model)
+    p = model.value_embeds[0]
+    p0 = p.detach().double().clone()
+    g = torch.randn(p.shape, generator=torch.Generator().manual_seed(7))
+    p.grad = g.clone()
+    opt.step(1.0, 0.85, adam_step=True)
+    # first step: m/sqrt(v) = sign(g) * sqrt(1-b2)/(1-b1), bias correction cancels it
+    upd = 0.6 * torch.sign(g.double())
+    same = (upd * p0) > 0
+    expect = p0 - upd - same.double() * 0.6 ** 2 * 0.005 * 5 * p0
+    torch.testing.assert_close(p.detach().double(), expect, rtol=1e-6, atol=1e-6)
+    assert same.any() and (~same).any()
+
+
+def test_unknown_or_missing_label_is_rejected():
+    model = FakeModel()
+    model.scalars.label = "scalar"
+    with pytest.raises(ValueError, match="scalars"):
+        make_opt(model)
+    model = FakeModel()
+    model.extra = nn.Parameter(torch.zeros(3))
+    with pytest.raises(ValueError, match="extra"):
+        make_opt(model)
+
+
+# ---- split_embed and state_dict ---------------------------------------------------------
+def test_split_embed_copies_weight_and_adam_state():
+    model = FakeModel(adam_dtype=torch.float32)
+    opt = make_opt(model)
+    names = [n for n in adam_names(model) if n != "embed"]
+    for step in range(4):
+        set_grads(model, random_grads(model, 300 + step, names), accumulate=True)
+        opt.step(1.0, 0.85, adam_step=step % 2 == 1)
+    assert not torch.equal(model.embed.detach(), model.lm_head.detach())
+    opt.split_embed()
+    assert torch.equal(model.embed.detach(), model.lm_head.detach())
+    # with the same gradient, an identical state must give identical updates (a fresh state
+    # would take a step of exactly +-lr instead)
+    g = torch.randn(V, D, generator=torch.Generator().manual_seed(8))
+    model.lm_head.grad = g.clone()
+    model.embed.grad = g.clone()
+    opt.step(1.0, 0.85, adam_step=True)
+    assert torch.equal(model.embed.detach(), model.lm_head.detach())
+
+
+def test_state_dict_round_trip_is_bit_identical():
+    model = FakeModel()
+    opt = make_opt(model)
+
+    def run(steps, first):
+        for k in range(steps):
+            set_grads(model, random_grads(model, 400 + first + k), accumulate=True)
+            opt.step(1.0 + 0.1 * k, 0.9, adam_step=(first + k) % 2 == 1)
+
+    run(2, 0)
+    saved_opt = opt.state_dict()
+    saved_params = {n: p.detach().clone() for n, p in model.named_parameters()}
+    run(3, 2)  # ends on an even step: Adam gradients stay pending
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(saved_params[n])
+    opt.load_state_dict(saved_opt)
+    assert all(p.grad is None for p in model.parameters())
+    run(3, 2)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), after[n]), n
+    assert any(not torch.equal(after[n], saved_params[n]) for n in after)
+
+
+# ---- distributed ------------------------------------------------------------------------
+def test_muon_groups():
+    kinds = ["attn"] * 10 + ["mlp"] * 22
+    for ws in (1, 2, 4, 8):
+        groups = T.muon_groups(kinds, ws)
+        flat = [i for g in groups for i in g if i is not None]
+        assert sorted(flat) == list(range(32)), ws
+        for g in groups:
+            assert len(g) % ws == 0
+            k = len(g) // ws
+            for r in range(ws):
+                chunk = [i for i in g[r * k:(r + 1) * k] if i is not None]
+                assert len({kinds[i] for i in chunk}) <= 1, (ws, r, chunk)
+    assert T.muon_groups(kinds, 1) == [list(range(10)), list(range(10, 32))]
+    assert T.muon_groups(kinds, 2) == [list(range(10)), list(range(10, 32))]
+    assert T.muon_groups(kinds, 4) == [list(range(10)) + [None] * 2, list(range(10, 32)) + [None] * 2]
+    g8 = T.muon_groups(kinds, 8)
+    assert g8 == [list(range(16)), list(range(16, 32))]
+    owners = {r: [g[2 * r:2 * r + 2] for g in g8] for r in range(8)}
+    assert owners[0] == [[0, 1], [16, 17]] and owners[4] == [[8, 9], [24, 25]]
+    assert owners[5] == [[10, 11], [26, 27]]  # ranks 5-7 get MLP in the first group
+    with pytest.raises(ValueError):
+        T.muon_groups(["attn"] * 3 + ["mlp"] * 5, 2, packed=True)
+
+
+SPLIT_AFTER = 3  # the split happens after this (odd) step
+
+
+def _coeffs(step, vrank, idx, p):
+    """Per virtual-rank gradient: small integers * 2^-6, so every sum/average is exact in bf16."""
+    gen = torch.Generator().manual_seed(step * 100_000 + vrank * 1000 + idx)
+    return (torch.randint(-8, 9, p.shape, generator=gen).float() * 2.0 ** -6).to(p.dtype)
+
+
+def _train(rank, world_size, packed, arm, steps=6):
+    """The loop's protocol: 8 virtual ranks = world_size * grad_accum micro-batches."""
+    model = FakeModel()
+    opt = make_opt(model, rank, world_size, muon_packed=packed)
+    accum = T.VIRTUAL_RANKS // world_size
+    named = list(model.named_parameters())
+    for step in range(steps):
+        adam_step = step % 2 == 1
+        for micro in range(accum):
+            vrank = rank * accum + micro
+            if arm:
+                opt.arm_adam_sync(adam_step and micro == accum - 1)
+            loss = sum((p * _coeffs(step, vrank, idx, p)).float().sum()
+                       for idx, (n, p) in enumerate(named) if n != "embed" or step > SPLIT_AFTER)
+            (loss / accum).backward()
+        opt.step(1.0 + 0.25 * step, 0.85 + 0.02 * step, adam_step)
+        if step == SPLIT_AFTER:
+            opt.split_embed()
+    return {n: p.detach().clone() for n, p in named}
+
+
+def _dist_worker(rank, world_size, port, out_dir, configs):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
+    try:
+        for name, packed, arm in configs:
+            torch.save(_train(rank, world_size, packed, arm), os.path.join(out_dir, f"{name}_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(world_size, configs, out_dir, limit_s=90):
+    ctx = mp.start_processes(_dist_worker, args=(world_size, _free_port(), str(out_dir), configs),
+                             nprocs=world_size, join=False, start_method="spawn")
+    deadline = time.time() + limit_s
+    while not ctx.join(timeout=1):
+        if time.time() > deadline:
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail(f"distributed run with {world_size} processes exceeded {limit_s} s")
+
+
+@pytest.fixture(scope="module")
+def single_process_result():
+    return _train(0, 1, None, arm=True)
+
+
+@pytest.mark.parametrize("world_size,configs", [
+    (2, [("perkind", None, True)]),
+    (4, [("perkind", None, True), ("packed", True, False)]),  # packed: the 8-rank grouping scheme
+])
+def test_distributed_matches_single_process(world_size, configs, tmp_path, single_process_result):
+    _spawn(world_size, configs, tmp_path)
+    ref = single_process_result
+    init = dict(FakeModel().named_parameters())
+    assert all(not torch.equal(ref[n], init[n].detach()) for n in ref)  # everything trained
+    for name, _, _ in configs:
+        for rank in range(world_size):
+            got = torch.load(tmp_path / f"{name}_{rank}.pt")
+            for n, t in ref.items():
+                torch.testing.assert_close(got[n].float(), t.float(), rtol=1e-5, atol=1e-6,
+                                           msg=f"{name} rank {rank} {n}")

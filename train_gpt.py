@@ -82,7 +82,8 @@ class Hyperparameters:
     attn_backend: str = os.environ.get("TRAIN_GPT_ATTN", "auto")  # auto | fa3 | flex | sdpa
     fp8: str = "auto"  # auto | on | off
     compile: str = "auto"  # auto (on for CUDA) | on | off
-    warmup: bool = True  # pre-compile every shape, then reset the state
+    warmup: bool = True  # when compiling: pre-compile every shape, then reset the state
+    save_model: str = ""  # path: rank 0 saves the final model state_dict there
     preset: str = "record"
 
 
@@ -92,15 +93,15 @@ PRESETS = {
     "tiny": dict(
         train_files="data/sample/sample_train_*.bin",
         val_files="data/sample/sample_val_*.bin",
-        val_tokens=8192,
+        val_tokens=4096,
         val_batch_size=2048,
         train_max_seq_len=128,
-        train_batch_sizes=(512, 1024, 1536),
-        num_scheduled_iterations=120,
-        num_extension_iterations=6,
-        momentum_warmup_steps=20,
-        momentum_cooldown_steps=4,
-        val_loss_every=40,
+        train_batch_sizes=(512, 768, 1024),
+        num_scheduled_iterations=60,
+        num_extension_iterations=4,
+        momentum_warmup_steps=10,
+        momentum_cooldown_steps=2,
+        val_loss_every=20,
         block_size=16,
         num_heads=6,
         head_dim=16,
@@ -1664,11 +1665,11 @@ def check_config(args: Hyperparameters, world_size: int):
     if world_size < 1 or VIRTUAL_RANKS % world_size:
         raise ConfigError(f"WORLD_SIZE={world_size} does not divide {VIRTUAL_RANKS}: use 1, 2, 4 or 8 processes "
                           f"(gradient accumulation 8/world_size keeps the global batch)")
-    for name in ("train_batch_sizes", "val_batch_size"):
-        for bs in (getattr(args, name) if name == "train_batch_sizes" else (args.val_batch_size,)):
-            if bs % VIRTUAL_RANKS:
-                raise ConfigError(f"--{name}: batch {bs} is not divisible by the {VIRTUAL_RANKS} ranks of the "
-                                  f"global batch ({world_size} processes x {VIRTUAL_RANKS // world_size} micro-batches)")
+    sizes = [("train_batch_sizes", bs) for bs in args.train_batch_sizes] + [("val_batch_size", args.val_batch_size)]
+    for name, bs in sizes:
+        if bs % VIRTUAL_RANKS:
+            raise ConfigError(f"--{name}: batch {bs} is not divisible by the {VIRTUAL_RANKS} ranks of the "
+                              f"global batch ({world_size} processes x {VIRTUAL_RANKS // world_size} micro-batches)")
     if len(args.train_batch_sizes) != 3 or len(args.long_windows) != 3 or len(args.extension_windows) != 2:
         raise ConfigError("--train_batch_sizes and --long_windows take 3 values, --extension_windows 2")
     if args.val_tokens % args.val_batch_size:
@@ -1825,6 +1826,8 @@ class Trainer:
             loss = self.train_step(step)
             done = step + 1
             if done % print_every == 0 or done == N:
+                if self.world_size > 1:
+                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise ConfigError(f"training loss is {loss_value} at step {step}: training diverged")
@@ -1887,6 +1890,10 @@ def _parse_bool(s: str) -> bool:
 
 def main(argv=None):
     args = parse_args(argv)
+    import warnings
+    # torch 2.13 deprecates these names in favour of *_single, which torch 2.11 lacks
+    warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).*deprecated",
+                            category=FutureWarning)
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -1918,6 +1925,9 @@ def main(argv=None):
         if warm:
             trainer.warmup()
         trainer.run()
+        if args.save_model and rank == 0:
+            torch.save(trainer.model.state_dict(), args.save_model)
+            log(f"saved the model to {args.save_model}")
         if device.type == "cuda":
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")

@@ -9,6 +9,6 @@ shared="${1:-$here/../../shared/data}"
 python "$here/fineweb.py" \
   --input "$shared/tinyshakespeare.txt" \
   --vocab "$shared/gpt2_encoder.json" \
-  --min_doc_chars 1500 \
+  --min_doc_chars 300 \
   --val_tokens 40000 --shard_size 150000 \
   --out_dir "$here/sample" --prefix sample

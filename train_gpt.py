@@ -1360,7 +1360,9 @@ class _ShardLoader(threading.Thread):
     """Reads one shard and finds its document starts (BOS positions) in the background."""
 
     def __init__(self, path: Path):
-        super().__init__(daemon=True)
+        # not a daemon: at exit Python waits for the (short) read instead of killing the
+        # thread inside torch, which aborts the process ("terminate called ...")
+        super().__init__(daemon=False)
         self.path = path
         self.tokens = self.doc_starts = self.error = None
         self.start()

@@ -1,0 +1,236 @@
+"""Benchmark and GPU checks for the record configuration (issue 6), on the visible device.
+
+    python tools/bench.py                       # record config, synthetic shards, 1 process
+    python tools/bench.py --preset tiny --steps 2  # CPU smoke run of the same code
+
+Times steps of every batch/window stage without running the whole schedule and prints:
+compile/warm-up seconds, ms per step per stage (and per GPU at the per-rank load of an
+8-GPU run: one process does all 8 micro-batches, so that figure is the step / 8), tokens/s,
+model FLOPs utilization against 989 TFLOP/s bf16 per H100, peak memory; then pass/fail
+checks: attention backends vs the SDPA reference, FP8 lm_head vs a bf16 linear, Triton
+symmetric kernels vs torch (and their speed), and that an optimizer step ran.
+Extra flags are Hyperparameters overrides (see train_gpt.py --help).
+"""
+import argparse
+import math
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import train_gpt as tg  # noqa: E402
+
+H100_BF16_FLOPS = 989e12
+
+
+def write_synthetic_shards(folder: Path, train_tokens: int, val_tokens: int, seed: int = 0):
+    """Documents with geometric lengths (mean ~400), each starting with BOS; tokens from a
+    Zipf-like distribution over the GPT-2 vocabulary."""
+    rng = np.random.default_rng(seed)
+    ranks = np.arange(1, 50257, dtype=np.float64)
+    probs = 1 / ranks ** 1.1
+    probs /= probs.sum()
+    for name, n in (("synth_val_000000.bin", val_tokens), ("synth_train_000001.bin", train_tokens)):
+        tokens = rng.choice(50256, size=n, p=probs).astype(np.uint16)
+        starts = np.cumsum(rng.geometric(1 / 400, size=n // 100 + 10))
+        tokens[0] = tg.BOS_ID
+        tokens[starts[starts < n]] = tg.BOS_ID
+        header = np.zeros(tg.HEADER_INTS, dtype="<i4")
+        header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, n)
+        with open(folder / name, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype("<u2").tobytes())
+
+
+def attended_keys(cu_seqlens: torch.Tensor, T: int, window: int) -> int:
+    """Number of (query, key) pairs attended in a packed batch with this window."""
+    doc = tg.document_ids(cu_seqlens, T)
+    starts = cu_seqlens.long()[doc.long()]
+    pos_in_doc = torch.arange(T, device=cu_seqlens.device) - starts
+    return int(torch.clamp(pos_in_doc + 1, max=window + 1).sum())
+
+
+def step_flops(model, args, batches, step) -> float:
+    """6 * (matmul params) per token plus attention over the actual windows (fwd + bwd)."""
+    n_matmul = sum(p.numel() for p in model.parameters() if p.label in ("attn", "mlp_fc", "mlp_proj", "lm_head"))
+    short, long = tg.windows_at(step, args)
+    d, bs = args.model_dim, args.block_size
+    total = 0.0
+    for inputs, _, cu in batches:
+        T = inputs.numel()
+        total += 6 * n_matmul * T
+        for i in range(args.num_layers):
+            if i == tg.NO_ATTN_LAYER:
+                continue
+            w = (long if i in tg.LONG_LAYERS else short) * bs
+            if i in tg.PAIRED_LAYERS:  # 2T positions of half the heads
+                pairs = attended_keys(2 * cu, 2 * T, w) / 2
+            else:
+                pairs = attended_keys(cu, T, w)
+            total += 12 * pairs * d  # QK^T and PV, 2 FLOPs per multiply-add, x3 for backward
+    return total
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_training(args, device, steps_per_stage, profile=False):
+    trainer = tg.Trainer(args, 0, 1, device, print)
+    next_batches = trainer.next_batches
+
+    def recording(batch_size):  # keep each step's micro-batches for the FLOP count
+        trainer.last_batches = next_batches(batch_size)
+        return trainer.last_batches
+
+    trainer.next_batches = recording
+    t0 = time.perf_counter()
+    if trainer.forward is not trainer.model and args.warmup:
+        trainer.warmup()
+    sync(device)
+    print(f"compile + warm-up: {time.perf_counter() - t0:.1f}s")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    S = args.num_scheduled_iterations
+    stage_steps = [0, math.ceil(S / 3), math.ceil(2 * S / 3), S]
+    names = ["stage 1", "stage 2", "stage 3", "extension"]
+    results = []
+    trainer.restart_data()
+    for name, first in zip(names, stage_steps):
+        trainer.model.set_windows(*tg.windows_at(first, args))
+        trainer.train_step(first)  # settles the new shapes
+        sync(device)
+        t = time.perf_counter()
+        flops = 0.0
+        for s in range(first + 1, first + 1 + steps_per_stage):
+            trainer.train_step(s)
+            flops += step_flops(trainer.model, args, trainer.last_batches, s)
+        sync(device)
+        ms = 1000 * (time.perf_counter() - t) / steps_per_stage
+        tokens = tg.batch_size_at(first, args)
+        results.append((name, ms, tokens, flops / steps_per_stage))
+    print(f"{'stage':>10} {'batch':>8} {'windows':>8} {'ms/step':>9} {'ms/step/8':>10} {'tokens/s':>11} {'MFU':>6}")
+    for (name, ms, tokens, flops), first in zip(results, stage_steps):
+        mfu = flops / (ms / 1000) / H100_BF16_FLOPS
+        print(f"{name:>10} {tokens:>8} {str(tg.windows_at(first, args)):>8} {ms:>9.1f} {ms / 8:>10.2f} "
+              f"{tokens / (ms / 1000):>11.0f} {100 * mfu:>5.1f}%")
+    if profile:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            for s in range(stage_steps[2] + steps_per_stage + 1, stage_steps[2] + steps_per_stage + 3):
+                trainer.train_step(s)
+            sync(device)
+        key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print(prof.key_averages().table(sort_by=key, row_limit=20))
+    if device.type == "cuda":
+        print(f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
+              f"reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB")
+    ok = all(p.grad is None for p in trainer.model.parameters() if p.label in ("attn", "mlp_fc", "mlp_proj"))
+    print(f"[{'PASS' if ok else 'FAIL'}] optimizer steps ran (Muon grads consumed)")
+    return ok
+
+
+def check_attention(device) -> bool:
+    torch.manual_seed(0)
+    T, H, D = 2048, 6, 128
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v = (torch.randn(T, H, D, device=device, dtype=dtype) for _ in range(3))
+    cu = torch.tensor([0, 300, 301, 1200, T] + [T] * 123, dtype=torch.int32, device=device)
+    ref = tg.attention_sdpa(q.float(), k.float(), v.float(), cu, T, 384, 0.12)
+    ok = True
+    for name in tg.ATTENTION_BACKENDS:
+        fn, why = tg._try_backend(name, device)
+        if fn is None:
+            print(f"[SKIP] attention {name}: {why}")
+            continue
+        out = fn(q, k, v, cu, T, 384, 0.12).float()
+        err = (out - ref).abs().max().item()
+        good = err < (2e-2 if dtype == torch.bfloat16 else 1e-4)
+        ok &= good
+        print(f"[{'PASS' if good else 'FAIL'}] attention {name} vs SDPA reference: max abs err {err:.2e}")
+    return ok
+
+
+def check_fp8(device) -> bool:
+    supported, why = tg.fp8_supported(device)
+    if not supported:
+        print(f"[SKIP] FP8 lm_head: {why}")
+        return True
+    torch.manual_seed(0)
+    x = tg.norm(torch.randn(4096, 768, device=device)).bfloat16().requires_grad_()
+    w = (0.005 * torch.randn(50304, 768, device=device)).bfloat16().requires_grad_()
+    out = tg.fp8_mm(x, w, tg.FP8_X_SCALE, tg.FP8_W_SCALE, tg.FP8_GRAD_SCALE)[0]
+    g = torch.randn_like(out) * 1e-3
+    out.backward(g)
+    x2, w2 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
+    ref = x2 @ w2.T
+    ref.backward(g.float())
+    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
+    errs = rel(out, ref), rel(x.grad, x2.grad), rel(w.grad, w2.grad)
+    ok = max(errs) < 0.1
+    print(f"[{'PASS' if ok else 'FAIL'}] FP8 lm_head vs fp32 linear: relative error out {errs[0]:.3f}, "
+          f"grad_x {errs[1]:.3f}, grad_w {errs[2]:.3f} (tolerance 0.1)")
+    return ok
+
+
+def check_triton(device) -> bool:
+    if device.type != "cuda":
+        print("[SKIP] Triton symmetric kernels: need CUDA (tests run them in the interpreter)")
+        return True
+    ok = True
+    for shape in ((768, 768), (768, 3072)):
+        A = torch.randn(8, *shape, device=device, dtype=torch.bfloat16) / shape[1] ** 0.5
+        ref = A.float() @ A.float().mT
+        out = tg.sym_xxt(A)
+        err = ((out.float() - ref).norm() / ref.norm()).item()
+        times = []
+        for fn in (lambda: tg.sym_xxt(A), lambda: A @ A.mT):
+            for _ in range(3):
+                fn()
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(20):
+                fn()
+            sync(device)
+            times.append(1000 * (time.perf_counter() - t) / 20)
+        good = err < 1e-2 and times[0] < times[1]
+        ok &= good
+        print(f"[{'PASS' if good else 'FAIL'}] Triton XXT {shape} x8 bf16: rel err {err:.1e}, "
+              f"{times[0]:.3f} ms vs torch A@A.T {times[1]:.3f} ms")
+    return ok
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per stage")
+    parser.add_argument("--profile", action="store_true", help="print the top kernels of 2 stage-3 steps")
+    parser.add_argument("--data", default="", help="folder with *_train_*/*_val_* shards (default: synthetic)")
+    ns, rest = parser.parse_known_args()
+    args = tg.parse_args(rest)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    print(tg.environment_report().splitlines()[1], "on", torch.cuda.get_device_name() if device.type == "cuda" else "CPU")
+    with tempfile.TemporaryDirectory() as tmp:
+        if ns.data:
+            folder = Path(ns.data)
+            args.train_files, args.val_files = str(folder / "*_train_*.bin"), str(folder / "*_val_*.bin")
+        elif args.preset != "tiny":
+            folder = Path(tmp)
+            need = 4 * (ns.steps + 4) * max(args.train_batch_sizes) * 3
+            t = time.perf_counter()
+            write_synthetic_shards(folder, need, args.val_tokens + 1)
+            print(f"synthetic shards: {need:,} train tokens in {time.perf_counter() - t:.1f}s")
+            args.train_files, args.val_files = str(folder / "synth_train_*.bin"), str(folder / "synth_val_*.bin")
+        results = [check_attention(device), check_fp8(device), check_triton(device),
+                   bench_training(args, device, ns.steps, ns.profile)]
+    print("ALL CHECKS PASSED" if all(results) else "SOME CHECKS FAILED")
+    sys.exit(0 if all(results) else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1705,20 +1705,20 @@ class Trainer:
 
     # --- data ---
     def restart_data(self):
+        """A fresh training stream from the start of the data (its first shard starts loading now)."""
         self.batch_size = batch_size_at(0, self.args)
         self.train_loader = train_data_generator(self.args.train_files, self.batch_size, self.rank, self.world_size,
                                                  self.args.train_max_seq_len, device=self.device)
-        self._fresh_loader = True
+        self._started = False
 
     def next_batches(self, batch_size: int):
-        if self._fresh_loader:
-            self._fresh_loader = False
-            if batch_size == self.batch_size:
-                return next(self.train_loader)
-            next(self.train_loader)  # never used; only primes the generator for .send()
-        if batch_size != self.batch_size:
+        """This process's micro-batches of the next step; a new batch size is sent to the stream."""
+        if self._started and batch_size != self.batch_size:
             self.batch_size = batch_size
             return self.train_loader.send(batch_size)
+        if batch_size != self.batch_size:  # a generator must start with next()
+            raise ValueError(f"the first step's batch size {batch_size} differs from the stream's {self.batch_size}")
+        self._started = True
         return next(self.train_loader)
 
     # --- one optimization step ---

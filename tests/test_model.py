@@ -768,17 +768,22 @@ def test_set_windows_updates_yarn_on_the_model():
 # 7. the whole forward pass, smear, skip, backout, gates, value embeddings
 # ------------------------------------------------------------------------------------
 
+def record_inputs(monkeypatch, name):
+    """Replaces train_gpt.<name> by a wrapper that keeps a copy of each argument."""
+    store = []
+    orig = getattr(tg, name)
+
+    def rec(x):
+        store.append(x.detach().clone())
+        return orig(x)
+
+    monkeypatch.setattr(tg, name, rec)
+    return store
+
+
 @pytest.fixture
 def logit_capture(monkeypatch):
-    store = []
-    orig = tg.softcap
-
-    def rec(z):
-        store.append(z.detach().clone())
-        return orig(z)
-
-    monkeypatch.setattr(tg, "softcap", rec)
-    return store
+    return record_inputs(monkeypatch, "softcap")
 
 
 @pytest.mark.parametrize("windows", [(1, 3), (3, 7)])
@@ -878,14 +883,7 @@ def test_backout_subtracts_layer7_output(monkeypatch):
     randomize(model, seed=51)
     T, cu = 48, [0, 48]
     inp, tgt = random_tokens(T, seed=52)
-    seen = []
-    orig = tg.norm
-
-    def rec(x):
-        seen.append(x.detach().clone())
-        return orig(x)
-
-    monkeypatch.setattr(tg, "norm", rec)
+    seen = record_inputs(monkeypatch, "norm")
     pre_final = {}
     for b in (0.0, 0.4):
         with torch.no_grad():

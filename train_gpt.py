@@ -1095,7 +1095,7 @@ class GPT(nn.Module):
         self.use_fp8 = False
         self.act_dtype = torch.bfloat16  # build_model uses float32 on CPU
         self.split_done = False  # embed split off from lm_head yet?
-        self.windows = (1, 3)  # (short, long) in blocks, set by the schedule
+        self.windows = (args.long_windows[0] // 2, args.long_windows[0])  # (short, long) blocks, set by the schedule
         # index of each layer's gate in the banks
         self.attn_gate_index = {i: j for j, i in enumerate(i for i in range(args.num_layers) if i != NO_ATTN_LAYER)}
         self.ve_gate_index = {i: j for j, i in enumerate(sorted(VE_LAYERS))}
@@ -1115,7 +1115,12 @@ class GPT(nn.Module):
         sc[SC_RESID:SC_RESID + 11] = 1.1
         sc[SC_SA:SC_SA + 22] = torch.tensor([0.5, 1.0]).repeat(11)
         sc[SC_SMEAR], sc[SC_BACKOUT], sc[SC_SKIP] = 0.0, 0.5, -1.5
+        self.reset_schedule_state()
+
+    def reset_schedule_state(self):
+        """Back to the state of step 0: embed not split, first windows, initial YaRN."""
         self.split_done = False
+        self.windows = (self.args.long_windows[0] // 2, self.args.long_windows[0])
         self.rotary.reset()
 
     @torch.no_grad()
@@ -1763,18 +1768,15 @@ class Trainer:
 
     # --- warm-up and exact reset ---
     def snapshot(self):
-        return ({k: v.detach().clone() for k, v in self.model.state_dict().items()},
-                _clone_tree(self.opt.state_dict()))
+        # opt.state_dict() already returns copies
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, self.opt.state_dict()
 
     def restore(self, snap):
+        """Parameters, optimizer state (which also drops every gradient) and schedule state."""
         model_state, opt_state = snap
         self.model.load_state_dict(model_state)
-        self.model.split_done = False
-        self.model.windows = windows_at(0, self.args)
-        self.model.rotary.reset()
-        self.opt.load_state_dict(_clone_tree(opt_state))
-        for p in self.model.parameters():
-            p.grad = None
+        self.model.reset_schedule_state()
+        self.opt.load_state_dict(opt_state)
 
     def warmup(self):
         """Runs every shape the timed run will see (steps 0, 1, 2 and each transition +-1,
@@ -1838,17 +1840,6 @@ class Trainer:
                 log(f"step:{done}/{N} loss:{loss_value:.4f} train_time:{elapsed:.0f}ms step_avg:{avg:.2f}ms "
                     f"eta:{avg * (N - done) / 1000:.0f}s")
         return val_loss
-
-
-def _clone_tree(obj):
-    """Deep copy of a state dict: tensors cloned, containers rebuilt."""
-    if isinstance(obj, Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tree(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone_tree(v) for v in obj)
-    return obj
 
 
 # =====================================================================================

@@ -82,6 +82,10 @@ class Hyperparameters:
     attn_backend: str = os.environ.get("TRAIN_GPT_ATTN", "auto")  # auto | fa3 | flex | sdpa
     fp8: str = "auto"  # auto | on | off
     compile: str = "auto"  # auto (on for CUDA) | on | off
+    # dtype of the per-rank gradient sums over micro-batches: auto | param | float32 | float64
+    # (auto: float64 on CPU, bitwise the same for 1-8 processes; on GPU float32 with gradient
+    # accumulation, else the parameters' own dtype as in the record)
+    grad_sum_dtype: str = "auto"
     warmup: bool = True  # when compiling: pre-compile every shape, then reset the state
     save_model: str = ""  # path: rank 0 saves the final model state_dict there
     preset: str = "record"
@@ -574,6 +578,77 @@ def orthogonalize_update(u: Tensor, attn: bool) -> Tensor:
     return polar_express(u.reshape(n * 4, rows // 4, cols)).reshape(n, rows, cols)
 
 
+def grad_sum_dtype(setting: str, device, world_size: int) -> torch.dtype | None:
+    """--grad_sum_dtype resolved: None = autograd's own p.grad, in each parameter's dtype.
+
+    auto: float64 on CPU, where it makes 1, 2, 4 and 8 processes bitwise identical (see
+    GradSums); on GPU p.grad with one micro-batch per rank (the record on 8 GPUs: nothing
+    to sum) and float32 with gradient accumulation.
+    """
+    if setting == "auto":
+        if torch.device(device).type == "cpu":
+            return torch.float64
+        return None if VIRTUAL_RANKS // world_size == 1 else torch.float32
+    if setting == "param":
+        return None
+    if setting in ("float32", "float64"):
+        return getattr(torch, setting)
+    raise ValueError(f"--grad_sum_dtype={setting!r}: expected auto, param, float32 or float64")
+
+
+class GradSums:
+    """Each parameter's gradient summed over this rank's micro-batches, as the optimizers read it.
+
+    dtype None: the sum is autograd's own p.grad. Otherwise every parameter of another dtype
+    gets a buffer of that dtype: a post-accumulate-grad hook adds each micro-batch's gradient
+    into it and frees p.grad; the optimizers' collectives then also run in that dtype.
+    Why: a bf16 running sum rounds after every micro-batch, so it depends on how the 8
+    micro-batches are split among processes, and Polar Express turns last-bit noise in small
+    singular directions into full-size update directions (early in training a perturbation
+    grows about 10x per step). fp32 sums shrink that noise. float64 sums of up to 16 bf16
+    (fp32) gradients are exact unless their magnitudes spread over more than about 2^41
+    (2^25), so every split, i.e. any world size, gives the same bits.
+    The hooks are registered at construction, so they run before hooks registered later
+    (DistAdam's sync hooks read the finished sum).
+    """
+
+    def __init__(self, params: list[Tensor], dtype: torch.dtype | None = None):
+        self.dtype = dtype
+        self.buffers: dict[Tensor, Tensor] = {}
+        self.filled: dict[Tensor, bool] = {}
+        if dtype is None:
+            return
+        for p in params:
+            if p.dtype != dtype:
+                self.buffers[p] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+                self.filled[p] = False
+                p.register_post_accumulate_grad_hook(self._add)
+        # on CPU a mixed-dtype add_ is not vectorized: a cast copy, then the add, is ~4x faster
+        cpu = [b for b in self.buffers.values() if b.device.type == "cpu"]
+        self.scratch = torch.empty(max(b.numel() for b in cpu), dtype=dtype) if cpu else None
+
+    def _add(self, p: Tensor) -> None:
+        buf = self.buffers[p]
+        if self.filled[p]:
+            grad = p.grad
+            if self.scratch is not None:
+                grad = self.scratch[:grad.numel()].view(grad.shape).copy_(grad)
+            buf.add_(grad)
+        else:
+            buf.copy_(p.grad)
+            self.filled[p] = True
+        p.grad = None
+
+    def get(self, p: Tensor) -> Tensor | None:
+        """The summed gradient of p (None if it has none); a manually set p.grad also counts."""
+        return self.buffers[p] if self.filled.get(p) else p.grad
+
+    def clear(self, p: Tensor) -> None:
+        p.grad = None
+        if p in self.filled:
+            self.filled[p] = False
+
+
 @dataclass
 class _MuonGroup:
     members: list  # matrix indices, None = zero pad
@@ -595,8 +670,9 @@ class NorMuon:
 
     def __init__(self, params: list[Tensor], labels: list[str], weight_decay: float, beta2: float,
                  rank: int = 0, world_size: int = 1, packed: bool | None = None,
-                 ortho_dtype: torch.dtype | None = None):
+                 ortho_dtype: torch.dtype | None = None, grads: GradSums | None = None):
         self.params, self.labels = list(params), list(labels)
+        self.grads = grads or GradSums([])
         self.weight_decay, self.beta2 = weight_decay, beta2
         self.rank, self.world_size = rank, world_size
         self.groups: list[_MuonGroup] = []
@@ -630,15 +706,15 @@ class NorMuon:
             ))
 
     def _stacked_grads(self, g: _MuonGroup) -> Tensor:
-        first = self.params[g.members[0]]  # groups start with a real matrix; pads come last
+        grads = [None if i is None else self.grads.get(self.params[i]) for i in g.members]
+        real = next((grad for grad in grads if grad is not None), None)
+        if real is None:  # no gradient at all: the update still runs, from zeros
+            real = torch.zeros_like(self.params[g.members[0]])  # groups start with a real matrix
         zero = None
-        grads = []
-        for i in g.members:
-            grad = None if i is None else self.params[i].grad
+        for j, grad in enumerate(grads):
             if grad is None:
-                zero = torch.zeros_like(first) if zero is None else zero
-                grad = zero
-            grads.append(grad)
+                zero = torch.zeros_like(real) if zero is None else zero
+                grads[j] = zero
         return torch.stack(grads)
 
     def launch_reduce(self) -> list:
@@ -676,7 +752,7 @@ class NorMuon:
             slots = [j for j, i in enumerate(g.members) if i is not None]
             torch._foreach_copy_([self.params[g.members[j]] for j in slots], [out[j] for j in slots])
         for p in self.params:
-            p.grad = None
+            self.grads.clear(p)
 
     @torch.no_grad()
     def step(self, lr: float, momentum: float) -> None:
@@ -685,7 +761,7 @@ class NorMuon:
     def _update(self, g: _MuonGroup, grad: Tensor, lr: float, mu: float) -> Tensor:
         """New values (n, rows, cols), in the parameters' dtype, of this rank's matrices."""
         n, rows, cols = grad.shape
-        u = grad.float()  # a fresh copy for bf16 grads; for fp32 the (private) chunk itself
+        u = grad.float()  # a fresh copy for bf16 grads; for fp32 the (private) stack or chunk itself
         g.momentum.lerp_(u, 1 - mu)
         u.lerp_(g.momentum, mu)  # Nesterov: u = lerp(g, m, mu)
         o = orthogonalize_update(u.to(self.ortho_dtype), g.attn).float()
@@ -741,8 +817,9 @@ class DistAdam:
     """
 
     def __init__(self, params: list[Tensor], labels: list[str], eps: float, weight_decay: float,
-                 rank: int = 0, world_size: int = 1):
+                 rank: int = 0, world_size: int = 1, grads: GradSums | None = None):
         self.eps, self.weight_decay = eps, weight_decay
+        self.grads = grads or GradSums([])
         self.rank, self.world_size = rank, world_size
         self.armed = False
         self.slots: list[_AdamSlot] = []
@@ -766,7 +843,7 @@ class DistAdam:
         if slot.pending is not None:
             raise RuntimeError(f"Adam gradient of a '{slot.label}' parameter was synchronized twice "
                                "in one step: arm the sync only for the last micro-batch of an Adam step")
-        grad = slot.param.grad
+        grad = self.grads.get(slot.param)
         if slot.sharded:
             shard = grad.new_empty(slot.m.shape)
             work = dist.reduce_scatter_tensor(shard, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
@@ -784,11 +861,11 @@ class DistAdam:
         all-gather work handles (wait on them before the parameters are used)."""
         if self.world_size > 1:  # gradients whose sync was not started by an armed hook
             for slot in self.slots:
-                if slot.pending is None and slot.param.grad is not None:
+                if slot.pending is None and self.grads.get(slot.param) is not None:
                     self._launch_sync(slot)
             ready = self._launched
         else:
-            ready = [slot for slot in self.slots if slot.param.grad is not None]
+            ready = [slot for slot in self.slots if self.grads.get(slot.param) is not None]
         gathers = []
         for slot in ready:
             if slot.pending is not None:
@@ -796,7 +873,7 @@ class DistAdam:
                 work.wait()
                 slot.pending = None
             else:
-                grad = slot.param.grad
+                grad = self.grads.get(slot.param)
             new = self._update(slot, grad, lr)
             if slot.sharded:
                 gathers.append(dist.all_gather_into_tensor(slot.param.detach(), new, async_op=True))
@@ -804,7 +881,7 @@ class DistAdam:
                 slot.param.copy_(new)
         self._launched = []
         for slot in self.slots:
-            slot.param.grad = None
+            self.grads.clear(slot.param)
         return gathers
 
     def _update(self, slot: _AdamSlot, grad: Tensor, lr: float) -> Tensor:
@@ -845,8 +922,9 @@ class Optimizers:
 
     Per step: call arm_adam_sync(True) right before the backward of the last micro-batch of an
     Adam (odd) step and arm_adam_sync(False) before every other backward; then
-    step(lr_multiplier, momentum, adam_step) with the micro-batches' gradients accumulated in
-    p.grad (summed over micro-batches; NOT averaged over ranks: step() does that).
+    step(lr_multiplier, momentum, adam_step). The micro-batches' gradients are summed (NOT
+    averaged over ranks: step() does that) in p.grad or in buffers of args.grad_sum_dtype
+    (see grad_sum_dtype and GradSums).
     """
 
     def __init__(self, model: nn.Module, args: Hyperparameters, rank: int, world_size: int,
@@ -866,10 +944,13 @@ class Optimizers:
                                  f"{sorted(MUON_LR_MUL) + sorted(ADAM_LABELS)}")
             dest[0].append(p)
             dest[1].append(label)
+        params = muon[0] + adam[0]
+        sum_dtype = grad_sum_dtype(args.grad_sum_dtype, params[0].device, world_size)
+        self.grads = GradSums(params, sum_dtype)  # its hooks must run before DistAdam's
         self.muon = NorMuon(*muon, weight_decay=args.muon_weight_decay, beta2=args.muon_beta2,
-                            rank=rank, world_size=world_size, packed=muon_packed)
+                            rank=rank, world_size=world_size, packed=muon_packed, grads=self.grads)
         self.adam = DistAdam(*adam, eps=args.adam_eps, weight_decay=args.adam_weight_decay,
-                             rank=rank, world_size=world_size)
+                             rank=rank, world_size=world_size, grads=self.grads)
 
     def arm_adam_sync(self, flag: bool) -> None:
         """Let the Adam gradient hooks start their collectives during the next backward."""
@@ -906,7 +987,7 @@ class Optimizers:
         self.adam.load_state_dict(state["adam"])
         self.adam.armed = False
         for p in self.muon.params + [s.param for s in self.adam.slots]:
-            p.grad = None
+            self.grads.clear(p)
 
 
 # =====================================================================================
@@ -1683,6 +1764,8 @@ def check_config(args: Hyperparameters, world_size: int):
         raise ConfigError(f"--val_tokens={args.val_tokens} is not divisible by --val_batch_size={args.val_batch_size}")
     if args.num_scheduled_iterations < 3:
         raise ConfigError("--num_scheduled_iterations must be at least 3 (one step per third)")
+    if args.grad_sum_dtype not in ("auto", "param", "float32", "float64"):
+        raise ConfigError(f"--grad_sum_dtype={args.grad_sum_dtype}: expected auto, param, float32 or float64")
 
 
 class Trainer:
@@ -1704,6 +1787,9 @@ class Trainer:
             self.forward = self.model
         log(f"torch.compile: {'on' if use_compile else 'off'}")
         self.opt = Optimizers(self.model, args, rank, world_size)
+        sum_dtype = self.opt.grads.dtype
+        log(f"gradient sums over micro-batches: {str(sum_dtype).removeprefix('torch.') if sum_dtype else 'p.grad'} "
+            f"(--grad_sum_dtype={args.grad_sum_dtype})")
         self.split = split_step(args)
         self.train_loader = None
         self.batch_size = None

@@ -428,6 +428,107 @@ def test_state_dict_round_trip_is_bit_identical():
     assert any(not torch.equal(after[n], saved_params[n]) for n in after)
 
 
+# ---- gradient sums over micro-batches ---------------------------------------------------
+def _micro_grads(shape, dtype, n=8, seed=0, spread=20):
+    """n gradients with magnitudes spread over 2^-spread..2^spread and both signs, in dtype."""
+    gen = torch.Generator().manual_seed(seed)
+    scale = 2.0 ** torch.randint(-spread, spread + 1, (n, *shape), generator=gen).float()
+    return (torch.randn((n, *shape), generator=gen) * scale).to(dtype)
+
+
+def _backward_each(p, grads):
+    for g in grads:  # d/dp sum(p * g) = g exactly: g is representable in p's dtype
+        (p.float() * g.float()).sum().backward()
+
+
+# exact while the spread of magnitudes stays within 53 - 3 - (8 or 24) bits
+@pytest.mark.parametrize("param_dtype,spread", [(torch.bfloat16, 20), (torch.float32, 10)])
+def test_float64_grad_sums_are_exact_for_any_split_and_order(param_dtype, spread):
+    shape = (24, 40)
+    grads = _micro_grads(shape, param_dtype, spread=spread)
+    # reference: math.fsum, the correctly rounded (here exact) sum of each element
+    cols = grads.double().reshape(8, -1).T.tolist()
+    ref = torch.tensor([math.fsum(c) for c in cols], dtype=torch.float64).view(shape)
+
+    def summed(order, splits=1):
+        """sums like `splits` processes of 8/splits micro-batches each, then adds the results"""
+        total = None
+        k = 8 // splits
+        for r in range(splits):
+            p = nn.Parameter(torch.zeros(shape, dtype=param_dtype))
+            sums = T.GradSums([p], torch.float64)
+            _backward_each(p, [grads[i] for i in order[r * k:(r + 1) * k]])
+            assert p.grad is None  # the hook moved it into the float64 buffer
+            part = sums.get(p)
+            assert part.dtype == torch.float64
+            total = part.clone() if total is None else total + part
+        return total
+
+    forward = list(range(8))
+    for order, splits in [(forward, 1), (forward[::-1], 1), ([3, 6, 0, 7, 2, 5, 1, 4], 1),
+                          (forward, 2), (forward[::-1], 4), (forward, 8)]:
+        assert torch.equal(summed(order, splits), ref), (order, splits)
+
+
+def test_param_dtype_sums_depend_on_order_and_clear_resets():
+    """The reason for wider sums: autograd's bf16 running sum depends on the order. And a
+    cleared buffer starts over (copy, not add) at the next micro-batch."""
+    grads = _micro_grads((32, 32), torch.bfloat16, seed=1)
+    outs = []
+    for order in (range(8), reversed(range(8))):
+        p = nn.Parameter(torch.zeros(32, 32, dtype=torch.bfloat16))
+        sums = T.GradSums([p], None)
+        _backward_each(p, [grads[i] for i in order])
+        outs.append(sums.get(p).clone())
+        assert sums.get(p) is p.grad and p.grad.dtype == torch.bfloat16
+    assert not torch.equal(outs[0], outs[1])
+
+    p = nn.Parameter(torch.zeros(32, 32, dtype=torch.bfloat16))
+    sums = T.GradSums([p], torch.float32)
+    _backward_each(p, grads[:3])
+    sums.clear(p)
+    assert sums.get(p) is None
+    _backward_each(p, grads[3:5])
+    assert torch.equal(sums.get(p), grads[3].float() + grads[4].float())
+
+
+def test_grad_sum_dtype_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    for ws in (1, 2, 4, 8):
+        assert T.grad_sum_dtype("auto", cpu, ws) is torch.float64
+        assert T.grad_sum_dtype("param", cuda, ws) is None
+        assert T.grad_sum_dtype("float32", cpu, ws) is torch.float32
+    assert [T.grad_sum_dtype("auto", cuda, ws) for ws in (1, 2, 4, 8)] == [torch.float32] * 3 + [None]
+    with pytest.raises(ValueError, match="grad_sum_dtype"):
+        T.grad_sum_dtype("bfloat16", cpu, 1)
+
+
+def test_optimizers_step_from_the_sums_not_p_grad():
+    """On CPU the Optimizers sum in float64 (auto): after the micro-batches' backwards p.grad
+    is None and the step must use the buffers. Reference: the same model given the sum as
+    p.grad (integer multiples of 2^-6, so the sum is exact in every dtype)."""
+    a, b = FakeModel(), FakeModel()
+    opt_a = T.Optimizers(a, T.Hyperparameters(), 0, 1)
+    opt_b = T.Optimizers(b, T.Hyperparameters(grad_sum_dtype="param"), 0, 1)
+    assert opt_a.grads.dtype is torch.float64 and opt_b.grads.dtype is None
+    named = [(n, p) for n, p in a.named_parameters() if n != "embed"]
+    for step in range(2):  # an even (Muon only) and an odd (Muon + Adam) step
+        for j in range(4):
+            sum((p.float() * _coeffs(step, j, i, p).float()).sum() for i, (n, p) in enumerate(named)).backward()
+        assert all(p.grad is None for _, p in named if p.dtype == torch.bfloat16)
+        for i, (n, p) in enumerate(named):
+            grad = sum(_coeffs(step, j, i, p).double() for j in range(4))
+            pb = b.get_parameter(n)
+            pb.grad = grad.to(pb.dtype) if pb.grad is None else pb.grad + grad.to(pb.dtype)
+        opt_a.step(1.0, 0.9, adam_step=step == 1)
+        opt_b.step(1.0, 0.9, adam_step=step == 1)
+    init = FakeModel()
+    for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(pa, pb), n
+        assert n == "embed" or not torch.equal(pa, init.get_parameter(n)), n
+    assert all(p.grad is None for p in a.parameters()) and not any(opt_a.grads.filled.values())
+
+
 # ---- distributed ------------------------------------------------------------------------
 def test_muon_groups():
     kinds = ["attn"] * 10 + ["mlp"] * 22

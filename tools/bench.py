@@ -213,6 +213,8 @@ def main():
     parser.add_argument("--data", default="", help="folder with *_train_*/*_val_* shards (default: synthetic)")
     ns, rest = parser.parse_known_args()
     args = tg.parse_args(rest)
+    if not any(a.startswith("--grad_sum_dtype") for a in rest):
+        args.grad_sum_dtype = "param"  # as on each of 8 GPUs: no fp32 sums over micro-batches
     device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
     print(tg.environment_report().splitlines()[1], "on", torch.cuda.get_device_name() if device.type == "cuda" else "CPU")
     with tempfile.TemporaryDirectory() as tmp:

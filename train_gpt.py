@@ -440,7 +440,10 @@ def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: floa
 
 @fp8_mm_backward.register_fake
 def _(g, x_f8, w_f8, x_s, w_s, grad_s):
-    return torch.empty_like(x_f8, dtype=torch.bfloat16), torch.empty_like(w_f8, dtype=torch.float32)
+    # grad_w is the transpose of a contiguous (d, V) product: column-major strides (1, V)
+    V, d = w_f8.shape
+    return (torch.empty_like(x_f8, dtype=torch.bfloat16),
+            torch.empty_strided((V, d), (1, V), dtype=torch.float32, device=w_f8.device))
 
 
 def _fp8_mm_backward(ctx, grad_out, *_):

@@ -1071,29 +1071,63 @@ def test_fp8_not_supported_on_cpu():
         tg.build_model(tiny_args(), "cpu", attn_backend="sdpa", fp8="on")
 
 
-def _fp8_capable():
-    return CUDA and torch.cuda.get_device_capability() >= (8, 9)
+def _scaled_mm_runs(device):
+    """FP8 matmuls run on CUDA with compute capability >= 8.9, and on CPU in recent torch."""
+    if device == "cuda":
+        return CUDA and torch.cuda.get_device_capability() >= (8, 9)
+    try:
+        a = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
+        one = torch.ones((), dtype=torch.float32)
+        torch._scaled_mm(a, a.T, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
 
 
-@pytest.mark.skipif(not _fp8_capable(), reason="needs a CUDA GPU with FP8 (compute capability >= 8.9)")
-def test_fp8_mm_matches_quantized_reference():
-    assert tg.fp8_supported("cuda")[0]
-    g = torch.Generator(device="cuda").manual_seed(100)
-    x = torch.randn(128, 256, device="cuda", generator=g).bfloat16()
-    w = (torch.randn(512, 256, device="cuda", generator=g) * 0.02).bfloat16().requires_grad_()
+FP8_DEVICES = [pytest.param(d, marks=pytest.mark.skipif(not _scaled_mm_runs(d), reason=f"no FP8 matmul on {d}"))
+               for d in ("cpu", "cuda")]
+
+
+@pytest.mark.parametrize("device", FP8_DEVICES)
+def test_fp8_mm_matches_quantized_reference(device):
+    """The record's FP8 lm_head path (on CPU too, where torch has FP8 matmuls, though the
+    model only uses it on GPUs): forward and both gradients vs float64 products of the
+    e4m3 / e5m2-quantized operands."""
+    if device == "cuda":
+        assert tg.fp8_supported("cuda")[0]
+    g = torch.Generator(device=device).manual_seed(100)
+    x = torch.randn(128, 256, device=device, generator=g).bfloat16()
+    w = (torch.randn(512, 256, device=device, generator=g) * 0.02).bfloat16().requires_grad_()
     x.requires_grad_()
     xs, ws, gs = tg.FP8_X_SCALE, tg.FP8_W_SCALE, tg.FP8_GRAD_SCALE
     out = tg.fp8_mm(x, w, xs, ws, gs)[0]
     assert out.dtype == torch.bfloat16
 
-    def q(t, s, dt):
-        return (t.detach().double() / s).to(dt).double() * s
+    def q(t, s, dt):  # SPEC: t / s in t's dtype (bf16), then cast; the products in float64
+        return (t.detach() / s).to(dt).double() * s
 
     xq, wq = q(x, xs, torch.float8_e4m3fn), q(w, ws, torch.float8_e4m3fn)
     ref = xq @ wq.T
     assert (out.double() - ref).abs().max() <= 1e-2 * ref.abs().max()
-    grad = torch.randn(out.shape, device="cuda", generator=g).bfloat16() * 1e-3
+    grad = torch.randn(out.shape, device=device, generator=g).bfloat16() * 1e-3
     out.backward(grad)
     gq = q(grad, gs, torch.float8_e5m2)
     for got, exp in ((x.grad, gq @ wq), (w.grad, gq.T @ xq)):
+        assert got.shape == exp.shape
         assert (got.double() - exp).abs().max() <= 2e-2 * exp.abs().max()
+
+
+@pytest.mark.parametrize("device", FP8_DEVICES)
+def test_fp8_ops_fake_tensors_match_real_outputs(device):
+    """torch.compile plans memory from the ops' fake implementations: their shapes, dtypes
+    and strides must be those of the real outputs (grad_w is column-major)."""
+    g = torch.Generator(device=device).manual_seed(101)
+    x = torch.randn(64, 32, device=device, generator=g).bfloat16()
+    w = torch.randn(128, 32, device=device, generator=g).bfloat16()
+    scales = (tg.FP8_X_SCALE, tg.FP8_W_SCALE, tg.FP8_GRAD_SCALE)
+    out, x_f8, w_f8 = torch.ops.train_gpt.fp8_mm(x, w, *scales)
+    grad = torch.randn(out.shape, device=device, generator=g).bfloat16()
+    for op, args in ((torch.ops.train_gpt.fp8_mm.default, (x, w, *scales)),
+                     (torch.ops.train_gpt.fp8_mm_backward.default, (grad, x_f8, w_f8, *scales))):
+        result = torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+        assert result == {"test_faketensor": "SUCCESS"}, (op, result)

@@ -581,6 +581,9 @@ def orthogonalize_update(u: Tensor, attn: bool) -> Tensor:
     return polar_express(u.reshape(n * 4, rows // 4, cols)).reshape(n, rows, cols)
 
 
+GRAD_SUM_DTYPES = ("auto", "param", "float32", "float64")
+
+
 def grad_sum_dtype(setting: str, device, world_size: int) -> torch.dtype | None:
     """--grad_sum_dtype resolved: None = autograd's own p.grad, in each parameter's dtype.
 
@@ -596,7 +599,7 @@ def grad_sum_dtype(setting: str, device, world_size: int) -> torch.dtype | None:
         return None
     if setting in ("float32", "float64"):
         return getattr(torch, setting)
-    raise ValueError(f"--grad_sum_dtype={setting!r}: expected auto, param, float32 or float64")
+    raise ValueError(f"--grad_sum_dtype={setting}: expected one of {', '.join(GRAD_SUM_DTYPES)}")
 
 
 class GradSums:
@@ -710,14 +713,11 @@ class NorMuon:
 
     def _stacked_grads(self, g: _MuonGroup) -> Tensor:
         grads = [None if i is None else self.grads.get(self.params[i]) for i in g.members]
-        real = next((grad for grad in grads if grad is not None), None)
-        if real is None:  # no gradient at all: the update still runs, from zeros
-            real = torch.zeros_like(self.params[g.members[0]])  # groups start with a real matrix
-        zero = None
-        for j, grad in enumerate(grads):
-            if grad is None:
-                zero = torch.zeros_like(real) if zero is None else zero
-                grads[j] = zero
+        if any(grad is None for grad in grads):  # pads, or matrices without a gradient
+            # zeros like the real gradients (their dtype); with none, like the group's first matrix
+            like = next((grad for grad in grads if grad is not None), self.params[g.members[0]])
+            zero = torch.zeros_like(like)
+            grads = [zero if grad is None else grad for grad in grads]
         return torch.stack(grads)
 
     def launch_reduce(self) -> list:
@@ -1767,8 +1767,8 @@ def check_config(args: Hyperparameters, world_size: int):
         raise ConfigError(f"--val_tokens={args.val_tokens} is not divisible by --val_batch_size={args.val_batch_size}")
     if args.num_scheduled_iterations < 3:
         raise ConfigError("--num_scheduled_iterations must be at least 3 (one step per third)")
-    if args.grad_sum_dtype not in ("auto", "param", "float32", "float64"):
-        raise ConfigError(f"--grad_sum_dtype={args.grad_sum_dtype}: expected auto, param, float32 or float64")
+    if args.grad_sum_dtype not in GRAD_SUM_DTYPES:
+        raise ConfigError(f"--grad_sum_dtype={args.grad_sum_dtype}: expected one of {', '.join(GRAD_SUM_DTYPES)}")
 
 
 class Trainer:

@@ -1074,7 +1074,7 @@ def test_fp8_not_supported_on_cpu():
 def _scaled_mm_runs(device):
     """FP8 matmuls run on CUDA with compute capability >= 8.9, and on CPU in recent torch."""
     if device == "cuda":
-        return CUDA and torch.cuda.get_device_capability() >= (8, 9)
+        return CUDA and tg.fp8_supported("cuda")[0]
     try:
         a = torch.ones(16, 16, dtype=torch.float8_e4m3fn)
         one = torch.ones((), dtype=torch.float32)

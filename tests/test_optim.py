@@ -516,10 +516,8 @@ def test_optimizers_step_from_the_sums_not_p_grad():
         for j in range(4):
             sum((p.float() * _coeffs(step, j, i, p).float()).sum() for i, (n, p) in enumerate(named)).backward()
         assert all(p.grad is None for _, p in named if p.dtype == torch.bfloat16)
-        for i, (n, p) in enumerate(named):
-            grad = sum(_coeffs(step, j, i, p).double() for j in range(4))
-            pb = b.get_parameter(n)
-            pb.grad = grad.to(pb.dtype) if pb.grad is None else pb.grad + grad.to(pb.dtype)
+        set_grads(b, {n: sum(_coeffs(step, j, i, p).double() for j in range(4)).to(p.dtype)
+                      for i, (n, p) in enumerate(named)}, accumulate=True)
         opt_a.step(1.0, 0.9, adam_step=step == 1)
         opt_b.step(1.0, 0.9, adam_step=step == 1)
     init = FakeModel()

@@ -240,23 +240,26 @@ def test_attention_update_is_orthogonalized_as_four_blocks():
 
 # ---- Triton kernels (interpreter, in a subprocess) ---------------------------------------
 def _interpreter_broken_by_numpy() -> str:
-    """Triton 3.6's interpreter turns a runtime int loop bound into a 1-element array and
-    calls int() on it, which NumPy 2.4 refuses (checked: Triton 3.6 + NumPy 2.4.6 fails,
-    + NumPy 2.3 passes; Triton 3.7, 3.8 and 3.9 + NumPy 2.4.6 pass). Compiled kernels are
-    unaffected."""
+    """Why the interpreter cannot run here ("" if it can). Triton 3.6's interpreter turns a
+    runtime int loop bound into a 1-element array and calls int() on it, which NumPy 2.4
+    refuses (checked: Triton 3.6 + NumPy 2.4.6 fails, + NumPy 2.3 passes; Triton 3.7, 3.8
+    and 3.9 + NumPy 2.4.6 pass). Compiled kernels are unaffected."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
-        triton_v = tuple(int(x) for x in version("triton").split(".")[:2])
+        triton_version = version("triton")
     except PackageNotFoundError:
         return ""
-    numpy_v = tuple(int(x) for x in np.__version__.split(".")[:2])
-    if triton_v < (3, 7) and numpy_v >= (2, 4):
-        return f"Triton {version('triton')}'s interpreter fails with NumPy {np.__version__} (use numpy<2.4)"
+    major_minor = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    if major_minor(triton_version) < (3, 7) and major_minor(np.__version__) >= (2, 4):
+        return f"Triton {triton_version}'s interpreter fails with NumPy {np.__version__} (use numpy<2.4)"
     return ""
 
 
-@pytest.mark.skipif(bool(_interpreter_broken_by_numpy()), reason=_interpreter_broken_by_numpy())
+INTERPRETER_BROKEN = _interpreter_broken_by_numpy()
+
+
+@pytest.mark.skipif(bool(INTERPRETER_BROKEN), reason=INTERPRETER_BROKEN)
 def test_triton_sym_kernels_under_interpreter():
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     res = subprocess.run([sys.executable, os.path.join(HERE, "sym_kernels_check.py")], env=env,

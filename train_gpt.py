@@ -79,7 +79,7 @@ class Hyperparameters:
     run_id: str = ""
     log_dir: str = "logs"
     device: str = "auto"  # auto | cuda | cpu
-    attn_backend: str = os.environ.get("TRAIN_GPT_ATTN", "auto")  # auto | fa3 | flex | sdpa
+    attn_backend: str = os.environ.get("TRAIN_GPT_ATTN", "auto")  # auto | fa3 | varlen | flex | sdpa
     fp8: str = "auto"  # auto | on | off
     compile: str = "auto"  # auto (on for CUDA) | on | off
     # dtype of the per-rank gradient sums over micro-batches: auto | param | float32 | float64
@@ -1970,6 +1970,13 @@ def _parse_bool(s: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
 
 
+def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
+    """--device: auto is this process's GPU when CUDA is available, else the CPU."""
+    if setting == "auto":
+        setting = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(setting, local_rank) if setting == "cuda" else torch.device(setting)
+
+
 def main(argv=None):
     args = parse_args(argv)
     import warnings
@@ -1981,10 +1988,7 @@ def main(argv=None):
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     try:
         check_config(args, world_size)
-        if args.device == "auto":
-            device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
-        else:
-            device = torch.device(args.device, local_rank) if args.device == "cuda" else torch.device(args.device)
+        device = resolve_device(args.device, local_rank)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         list_shards(args.train_files), list_shards(args.val_files)  # fail early on missing data

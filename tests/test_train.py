@@ -232,6 +232,13 @@ def test_bad_grad_sum_dtype(tmp_path):
     assert "--grad_sum_dtype=half" in msg and "float64" in msg
 
 
+def test_resolve_device():
+    assert tg.resolve_device("cpu", 3) == torch.device("cpu")
+    assert tg.resolve_device("cuda", 3) == torch.device("cuda", 3)  # torchrun's LOCAL_RANK
+    expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
+    assert tg.resolve_device("auto", 1) == expected
+
+
 def test_missing_data(tmp_path):
     msg = fail(["--preset=tiny", f"--train_files={tmp_path}/nothing_*.bin", f"--log_dir={tmp_path}"])
     assert f"{tmp_path}/nothing_*.bin" in msg

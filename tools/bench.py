@@ -75,11 +75,6 @@ def step_flops(model, args, batches, step) -> float:
     return total
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def bench_training(args, device, steps_per_stage, profile=False):
     trainer = tg.Trainer(args, 0, 1, device, print)
     next_batches = trainer.next_batches
@@ -92,7 +87,7 @@ def bench_training(args, device, steps_per_stage, profile=False):
     t0 = time.perf_counter()
     if trainer.forward is not trainer.model and args.warmup:
         trainer.warmup()
-    sync(device)
+    trainer.sync()
     print(f"compile + warm-up: {time.perf_counter() - t0:.1f}s")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -104,13 +99,13 @@ def bench_training(args, device, steps_per_stage, profile=False):
     for name, first in zip(names, stage_steps):
         trainer.model.set_windows(*tg.windows_at(first, args))
         trainer.train_step(first)  # settles the new shapes
-        sync(device)
+        trainer.sync()
         t = time.perf_counter()
         flops = 0.0
         for s in range(first + 1, first + 1 + steps_per_stage):
             trainer.train_step(s)
             flops += step_flops(trainer.model, args, trainer.last_batches, s)
-        sync(device)
+        trainer.sync()
         ms = 1000 * (time.perf_counter() - t) / steps_per_stage
         tokens = tg.batch_size_at(first, args)
         results.append((name, ms, tokens, flops / steps_per_stage))
@@ -125,7 +120,7 @@ def bench_training(args, device, steps_per_stage, profile=False):
         with torch_profile(activities=activities) as prof:
             for s in range(stage_steps[2] + steps_per_stage + 1, stage_steps[2] + steps_per_stage + 3):
                 trainer.train_step(s)
-            sync(device)
+            trainer.sync()
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=20))
     if device.type == "cuda":
@@ -193,11 +188,11 @@ def check_triton(device) -> bool:
         for fn in (lambda: tg.sym_xxt(A), lambda: A @ A.mT):
             for _ in range(3):
                 fn()
-            sync(device)
+            torch.cuda.synchronize()
             t = time.perf_counter()
             for _ in range(20):
                 fn()
-            sync(device)
+            torch.cuda.synchronize()
             times.append(1000 * (time.perf_counter() - t) / 20)
         good = err < 1e-2 and times[0] < times[1]
         ok &= good
@@ -215,7 +210,7 @@ def main():
     args = tg.parse_args(rest)
     if not any(a.startswith("--grad_sum_dtype") for a in rest):
         args.grad_sum_dtype = "param"  # as on each of 8 GPUs: no fp32 sums over micro-batches
-    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    device = tg.resolve_device(args.device)
     print(tg.environment_report().splitlines()[1], "on", torch.cuda.get_device_name() if device.type == "cuda" else "CPU")
     with tempfile.TemporaryDirectory() as tmp:
         if ns.data:

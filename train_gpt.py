@@ -1819,7 +1819,9 @@ class Trainer:
     def train_step(self, step: int) -> Tensor:
         args = self.args
         self.model.set_windows(*windows_at(step, args))
-        weights = torch.tensor(mtp_weights(step, args), device=self.device)
+        # through pinned memory: a plain torch.tensor(..., device=cuda) would wait for the GPU
+        # to finish the previous step (a blocking copy), leaving it idle while data is prepared
+        weights, = _to_device((torch.tensor(mtp_weights(step, args)),), self.device)
         adam_step = step % 2 == 1
         batches = self.next_batches(batch_size_at(step, args))
         total = torch.zeros((), device=self.device)

@@ -8,7 +8,8 @@ compile/warm-up seconds, ms per step per stage (and per GPU at the per-rank load
 8-GPU run: one process does all 8 micro-batches, so that figure is the step / 8), tokens/s,
 model FLOPs utilization against 989 TFLOP/s bf16 per H100, peak memory; then pass/fail
 checks: attention backends vs the SDPA reference, FP8 lm_head vs a bf16 linear, Triton
-symmetric kernels vs torch (and their speed), and that an optimizer step ran.
+symmetric kernels vs torch (and their speed), that a training step never waits for the
+GPU (no host-device sync), and that an optimizer step ran.
 Extra flags are Hyperparameters overrides (see train_gpt.py --help).
 """
 import argparse
@@ -16,6 +17,7 @@ import math
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -55,13 +57,13 @@ def attended_keys(cu_seqlens: torch.Tensor, T: int, window: int) -> int:
 
 
 def step_flops(model, args, batches, step) -> float:
-    """6 * (matmul params) per token plus attention over the actual windows (fwd + bwd)."""
+    """6 * (matmul params) per token plus attention over the actual windows (fwd + bwd);
+    batches: (tokens T, cu_seqlens) of each of the step's micro-batches."""
     n_matmul = sum(p.numel() for p in model.parameters() if p.label in ("attn", "mlp_fc", "mlp_proj", "lm_head"))
     short, long = tg.windows_at(step, args)
     d, bs = args.model_dim, args.block_size
     total = 0.0
-    for inputs, _, cu in batches:
-        T = inputs.numel()
+    for T, cu in batches:
         total += 6 * n_matmul * T
         for i in range(args.num_layers):
             if i == tg.NO_ATTN_LAYER:
@@ -79,9 +81,10 @@ def bench_training(args, device, steps_per_stage, profile=False):
     trainer = tg.Trainer(args, 0, 1, device, print)
     next_batches = trainer.next_batches
 
-    def recording(batch_size):  # keep each step's micro-batches for the FLOP count
-        trainer.last_batches = next_batches(batch_size)
-        return trainer.last_batches
+    def recording(batch_size):  # keep each step's micro-batch shapes for the FLOP count
+        batches = next_batches(batch_size)
+        trainer.last_batches = [(inputs.numel(), cu) for inputs, _, cu in batches]
+        return batches
 
     trainer.next_batches = recording
     t0 = time.perf_counter()
@@ -101,12 +104,14 @@ def bench_training(args, device, steps_per_stage, profile=False):
         trainer.train_step(first)  # settles the new shapes
         trainer.sync()
         t = time.perf_counter()
-        flops = 0.0
+        shapes = []
         for s in range(first + 1, first + 1 + steps_per_stage):
             trainer.train_step(s)
-            flops += step_flops(trainer.model, args, trainer.last_batches, s)
+            shapes.append((s, trainer.last_batches))
         trainer.sync()
         ms = 1000 * (time.perf_counter() - t) / steps_per_stage
+        # counted after the clock stops: the count reads cu_seqlens, which waits for the GPU
+        flops = sum(step_flops(trainer.model, args, batches, s) for s, batches in shapes)
         tokens = tg.batch_size_at(first, args)
         results.append((name, ms, tokens, flops / steps_per_stage))
     print(f"{'stage':>10} {'batch':>8} {'windows':>8} {'ms/step':>9} {'ms/step/8':>10} {'tokens/s':>11} {'MFU':>6}")
@@ -114,21 +119,47 @@ def bench_training(args, device, steps_per_stage, profile=False):
         mfu = flops / (ms / 1000) / H100_BF16_FLOPS
         print(f"{name:>10} {tokens:>8} {str(tg.windows_at(first, args)):>8} {ms:>9.1f} {ms / 8:>10.2f} "
               f"{tokens / (ms / 1000):>11.0f} {100 * mfu:>5.1f}%")
+    last = S + steps_per_stage
     if profile:
         from torch.profiler import ProfilerActivity, profile as torch_profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with torch_profile(activities=activities) as prof:
             for s in range(stage_steps[2] + steps_per_stage + 1, stage_steps[2] + steps_per_stage + 3):
                 trainer.train_step(s)
+                last = s
             trainer.sync()
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
         print(prof.key_averages().table(sort_by=key, row_limit=20))
+    ok = check_no_sync(trainer, last + 1)  # same windows and shapes as the step before
     if device.type == "cuda":
         print(f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
               f"reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB")
-    ok = all(p.grad is None for p in trainer.model.parameters() if p.label in ("attn", "mlp_fc", "mlp_proj"))
-    print(f"[{'PASS' if ok else 'FAIL'}] optimizer steps ran (Muon grads consumed)")
-    return ok
+    consumed = all(p.grad is None for p in trainer.model.parameters() if p.label in ("attn", "mlp_fc", "mlp_proj"))
+    print(f"[{'PASS' if consumed else 'FAIL'}] optimizer steps ran (Muon grads consumed)")
+    return ok and consumed
+
+
+def check_no_sync(trainer, step) -> bool:
+    """Runs one training step under CUDA's sync debug mode. A host-device synchronization in
+    the step (a blocking copy, .item(), a data-dependent shape) makes the CPU wait for the GPU,
+    which then idles while Python prepares the next kernels."""
+    if trainer.device.type != "cuda":
+        print("[SKIP] host-device syncs in a training step: need CUDA")
+        return True
+    trainer.sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            trainer.train_step(step)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    trainer.sync()
+    syncs = [w for w in caught if "synchronizing" in str(w.message)]
+    where = sorted({f"{Path(w.filename).name}:{w.lineno}" for w in syncs})
+    print(f"[{'FAIL' if syncs else 'PASS'}] host-device syncs in training step {step}: {len(syncs)}"
+          + (f" (at {', '.join(where)})" if where else ""))
+    return not syncs
 
 
 def check_attention(device) -> bool:

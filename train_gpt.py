@@ -1896,7 +1896,8 @@ class Trainer:
     def run(self):
         args, log = self.args, self.log
         N = total_steps(args)
-        print_every = 1 if self.device.type == "cpu" else 25
+        # a line per step; its loss only every 25 steps on GPU, as reading it waits for the GPU
+        loss_every = 1 if self.device.type == "cpu" else 25
         self.restart_data()
         self.model.set_windows(*windows_at(0, args))
         train_ms = 0.0
@@ -1920,16 +1921,18 @@ class Trainer:
                 break
             loss = self.train_step(step)
             done = step + 1
-            if done % print_every == 0 or done == N:
+            shown = ""
+            if done % loss_every == 0 or done == N:
                 if self.world_size > 1:
                     dist.all_reduce(loss, op=dist.ReduceOp.AVG)
                 loss_value = loss.item()
                 if not math.isfinite(loss_value):
                     raise ConfigError(f"training loss is {loss_value} at step {step}: training diverged")
-                elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-                avg = elapsed / done
-                log(f"step:{done}/{N} loss:{loss_value:.4f} train_time:{elapsed:.0f}ms step_avg:{avg:.2f}ms "
-                    f"eta:{avg * (N - done) / 1000:.0f}s")
+                shown = f" loss:{loss_value:.4f}"
+            elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+            avg = elapsed / done
+            log(f"step:{done}/{N}{shown} train_time:{elapsed:.0f}ms step_avg:{avg:.2f}ms "
+                f"eta:{avg * (N - done) / 1000:.0f}s")
         return val_loss
 
 

@@ -4,7 +4,8 @@
     python tools/bench.py --preset tiny --steps 2  # CPU smoke run of the same code
 
 Times steps of every batch/window stage without running the whole schedule and prints:
-compile/warm-up seconds, ms per step per stage (and per GPU at the per-rank load of an
+compile/warm-up seconds (with --warmup=false each stage compiles in its two untimed
+settle steps instead: the "settle s" column), ms per step per stage (and per GPU at the per-rank load of an
 8-GPU run: one process does all 8 micro-batches, so that figure is the step / 8), tokens/s,
 model FLOPs utilization against 989 TFLOP/s bf16 per H100, peak memory; then pass/fail
 checks: attention backends vs the SDPA reference, FP8 lm_head vs a bf16 linear, Triton
@@ -77,6 +78,12 @@ def step_flops(model, args, batches, step) -> float:
     return total
 
 
+def stage_starts(args) -> list[int]:
+    """First step of stages 1, 2, 3 and of the extension (the smallest s with 3s >= kS)."""
+    S = args.num_scheduled_iterations
+    return [0, math.ceil(S / 3), math.ceil(2 * S / 3), S]
+
+
 def bench_training(args, device, steps_per_stage, profile=False):
     trainer = tg.Trainer(args, 0, 1, device, print)
     next_batches = trainer.next_batches
@@ -94,49 +101,60 @@ def bench_training(args, device, steps_per_stage, profile=False):
     print(f"compile + warm-up: {time.perf_counter() - t0:.1f}s")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    S = args.num_scheduled_iterations
-    stage_steps = [0, math.ceil(S / 3), math.ceil(2 * S / 3), S]
+    stage_steps = stage_starts(args)
     names = ["stage 1", "stage 2", "stage 3", "extension"]
     results = []
+    prof = None
     trainer.restart_data()
     for name, first in zip(names, stage_steps):
-        trainer.model.set_windows(*tg.windows_at(first, args))
-        trainer.train_step(first)  # settles the new shapes
+        # two untimed steps settle the stage: its new shapes and windows, and at the split
+        # step (the first of stage 3) the untied embedding that the step after it uses;
+        # without the warm-up this is where each stage compiles
+        t = time.perf_counter()
+        for s in (first, first + 1):
+            trainer.train_step(s)
         trainer.sync()
+        settle = time.perf_counter() - t
         t = time.perf_counter()
         shapes = []
-        for s in range(first + 1, first + 1 + steps_per_stage):
+        for s in range(first + 2, first + 2 + steps_per_stage):
             trainer.train_step(s)
             shapes.append((s, trainer.last_batches))
         trainer.sync()
         ms = 1000 * (time.perf_counter() - t) / steps_per_stage
         # counted after the clock stops: the count reads cu_seqlens, which waits for the GPU
         flops = sum(step_flops(trainer.model, args, batches, s) for s, batches in shapes)
-        tokens = tg.batch_size_at(first, args)
-        results.append((name, ms, tokens, flops / steps_per_stage))
-    print(f"{'stage':>10} {'batch':>8} {'windows':>8} {'ms/step':>9} {'ms/step/8':>10} {'tokens/s':>11} {'MFU':>6}")
-    for (name, ms, tokens, flops), first in zip(results, stage_steps):
+        results.append((name, first, settle, ms, tg.batch_size_at(first, args), flops / steps_per_stage))
+        last = first + 1 + steps_per_stage
+        if profile and name == "stage 3":
+            prof = profile_steps(trainer, [last + 1, last + 2])
+    print(f"{'stage':>10} {'batch':>8} {'windows':>8} {'settle s':>9} {'ms/step':>9} {'ms/step/8':>10} "
+          f"{'tokens/s':>11} {'MFU':>6}")
+    for name, first, settle, ms, tokens, flops in results:
         mfu = flops / (ms / 1000) / H100_BF16_FLOPS
-        print(f"{name:>10} {tokens:>8} {str(tg.windows_at(first, args)):>8} {ms:>9.1f} {ms / 8:>10.2f} "
-              f"{tokens / (ms / 1000):>11.0f} {100 * mfu:>5.1f}%")
-    last = S + steps_per_stage
-    if profile:
-        from torch.profiler import ProfilerActivity, profile as torch_profile
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch_profile(activities=activities) as prof:
-            for s in range(stage_steps[2] + steps_per_stage + 1, stage_steps[2] + steps_per_stage + 3):
-                trainer.train_step(s)
-                last = s
-            trainer.sync()
+        print(f"{name:>10} {tokens:>8} {str(tg.windows_at(first, args)):>8} {settle:>9.1f} {ms:>9.1f} "
+              f"{ms / 8:>10.2f} {tokens / (ms / 1000):>11.0f} {100 * mfu:>5.1f}%")
+    if prof is not None:
         key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        print("top kernels of two stage-3 steps:")
         print(prof.key_averages().table(sort_by=key, row_limit=20))
-    ok = check_no_sync(trainer, last + 1)  # same windows and shapes as the step before
+    ok = check_no_sync(trainer, last + 1)  # the extension continued: no new shape or window
     if device.type == "cuda":
         print(f"peak memory allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB, "
               f"reserved {torch.cuda.max_memory_reserved() / 2**30:.2f} GiB")
     consumed = all(p.grad is None for p in trainer.model.parameters() if p.label in ("attn", "mlp_fc", "mlp_proj"))
     print(f"[{'PASS' if consumed else 'FAIL'}] optimizer steps ran (Muon grads consumed)")
     return ok and consumed
+
+
+def profile_steps(trainer, steps):
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if trainer.device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for s in steps:
+            trainer.train_step(s)
+        trainer.sync()
+    return prof
 
 
 def check_no_sync(trainer, step) -> bool:
@@ -239,6 +257,11 @@ def main():
     parser.add_argument("--data", default="", help="folder with *_train_*/*_val_* shards (default: synthetic)")
     ns, rest = parser.parse_known_args()
     args = tg.parse_args(rest)
+    starts = stage_starts(args)
+    shortest = min(b - a for a, b in zip(starts, starts[1:]))
+    if not 1 <= ns.steps <= shortest - 4:  # 2 settle steps, the timed ones, 2 profiled ones
+        parser.error(f"--steps={ns.steps}: the shortest stage of --num_scheduled_iterations="
+                     f"{args.num_scheduled_iterations} has {shortest} steps, so use 1 to {shortest - 4}")
     if not any(a.startswith("--grad_sum_dtype") for a in rest):
         args.grad_sum_dtype = "param"  # as on each of 8 GPUs: no fp32 sums over micro-batches
     device = tg.resolve_device(args.device)

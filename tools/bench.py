@@ -5,12 +5,12 @@
 
 Times steps of every batch/window stage without running the whole schedule and prints:
 compile/warm-up seconds (with --warmup=false each stage compiles in its two untimed
-settle steps instead: the "settle s" column), ms per step per stage (and per GPU at the per-rank load of an
-8-GPU run: one process does all 8 micro-batches, so that figure is the step / 8), tokens/s,
-model FLOPs utilization against 989 TFLOP/s bf16 per H100, peak memory; then pass/fail
-checks: attention backends vs the SDPA reference, FP8 lm_head vs a bf16 linear, Triton
-symmetric kernels vs torch (and their speed), that a training step never waits for the
-GPU (no host-device sync), and that an optimizer step ran.
+settle steps instead: the "settle s" column), ms per step per stage (and per GPU at the
+per-rank load of an 8-GPU run: one process does all 8 micro-batches, so that figure is
+the step / 8), tokens/s, model FLOPs utilization against 989 TFLOP/s bf16 per H100,
+peak memory; then pass/fail checks: attention backends vs the SDPA reference, FP8 lm_head
+vs a bf16 linear, Triton symmetric kernels vs torch (and their speed), that a training
+step never waits for the GPU (no host-device sync), and that an optimizer step ran.
 Extra flags are Hyperparameters overrides (see train_gpt.py --help).
 """
 import argparse

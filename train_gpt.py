@@ -1179,7 +1179,7 @@ class GPT(nn.Module):
         self.use_fp8 = False
         self.act_dtype = torch.bfloat16  # build_model uses float32 on CPU
         self.split_done = False  # embed split off from lm_head yet?
-        self.windows = (args.long_windows[0] // 2, args.long_windows[0])  # (short, long) blocks, set by the schedule
+        self.windows = windows_at(0, args)  # (short, long) in blocks, set by the schedule
         # index of each layer's gate in the banks
         self.attn_gate_index = {i: j for j, i in enumerate(i for i in range(args.num_layers) if i != NO_ATTN_LAYER)}
         self.ve_gate_index = {i: j for j, i in enumerate(sorted(VE_LAYERS))}
@@ -1204,7 +1204,7 @@ class GPT(nn.Module):
     def reset_schedule_state(self):
         """Back to the state of step 0: embed not split, first windows, initial YaRN."""
         self.split_done = False
-        self.windows = (self.args.long_windows[0] // 2, self.args.long_windows[0])
+        self.windows = windows_at(0, self.args)
         self.rotary.reset()
 
     @torch.no_grad()

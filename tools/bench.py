@@ -14,7 +14,6 @@ step never waits for the GPU (no host-device sync), and that an optimizer step r
 Extra flags are Hyperparameters overrides (see train_gpt.py --help).
 """
 import argparse
-import math
 import sys
 import tempfile
 import time
@@ -79,9 +78,9 @@ def step_flops(model, args, batches, step) -> float:
 
 
 def stage_starts(args) -> list[int]:
-    """First step of stages 1, 2, 3 and of the extension (the smallest s with 3s >= kS)."""
-    S = args.num_scheduled_iterations
-    return [0, math.ceil(S / 3), math.ceil(2 * S / 3), S]
+    """First step of stages 1, 2, 3 and of the extension, as train_gpt's schedule defines them."""
+    steps = range(tg.total_steps(args) + 1)  # + 1: step S starts the extension even with E = 0
+    return [min(s for s in steps if tg.stage(s, args) == k) for k in range(4)]
 
 
 def bench_training(args, device, steps_per_stage, profile=False):

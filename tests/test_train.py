@@ -32,14 +32,14 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_train(args, nproc=1, timeout=300, threads=None):
+def run_train(args, nproc=1):
+    """train_gpt.py on nproc gloo processes, one thread each (up to 4 processes share 2 cores)."""
     if nproc == 1:
         cmd = [sys.executable, "train_gpt.py", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "train_gpt.py", *args]
-    out = subprocess.run(cmd, cwd=REPO, env=env(threads or max(1, 2 // nproc)), capture_output=True, text=True,
-                         timeout=timeout)
+    out = subprocess.run(cmd, cwd=REPO, env=env(1), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -134,7 +134,7 @@ def test_same_losses_and_parameters_with_1_2_and_4_processes(tmp_path):
     or a misplaced optimizer state would differ by the size of an update, and even a
     last-bit difference grows about 10x per step early in training."""
     common = SHORT + ["--val_loss_every=4", f"--log_dir={tmp_path}"]
-    outs = {n: run_train(common + [f"--save_model={tmp_path / f'p{n}.pt'}"], nproc=n, threads=1)
+    outs = {n: run_train(common + [f"--save_model={tmp_path / f'p{n}.pt'}"], nproc=n)
             for n in (1, 2, 4)}
     vals1, steps1 = parse(outs[1])
     assert [s for s, _ in steps1] == list(range(1, 8)) and [s for s, _ in vals1] == [0, 4, 7]
@@ -159,20 +159,14 @@ def test_same_losses_and_parameters_with_1_2_and_4_processes(tmp_path):
 
 # --- end to end -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
+def test_run_sh_tiny_demo_learns_and_logs(tmp_path):
     """./run.sh on this GPU-less machine: the full tiny demo."""
-    logs = tmp_path_factory.mktemp("logs")
     if shutil.which("bash") is None:
         pytest.skip("bash missing")
-    out = subprocess.run(["bash", str(REPO / "run.sh"), f"--log_dir={logs}", "--run_id=demo"], cwd=REPO,
+    out = subprocess.run(["bash", str(REPO / "run.sh"), f"--log_dir={tmp_path}", "--run_id=demo"], cwd=REPO,
                          env={**env(2), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout, logs / "demo.txt"
-
-
-def test_run_sh_tiny_demo_learns_and_logs(demo_run):
-    stdout, log = demo_run
+    stdout, log = out.stdout, tmp_path / "demo.txt"
     first = stdout.splitlines()[0]
     assert first.startswith("run.sh: no GPU found") and "tiny" in first
     vals, _ = parse(stdout)

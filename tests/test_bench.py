@@ -43,7 +43,7 @@ def test_bench_smoke_on_cpu():
 
 
 def test_bench_rejects_more_steps_than_a_stage_holds():
-    # tiny: 60 scheduled steps, stages of 20; 2 settle + 15 timed + 2 profiled steps fit, 17 do not
+    # tiny: 60 scheduled steps, stages of 20; 2 settle + 16 timed + 2 profiled steps fill one, 17 do not fit
     out = subprocess.run([sys.executable, "tools/bench.py", "--preset=tiny", "--steps=17"], cwd=REPO,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and "--steps=17" in out.stderr and "use 1 to 16" in out.stderr

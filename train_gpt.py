@@ -505,19 +505,20 @@ ADAM_LABELS = {
 ADAM_SHARD_MIN_NUMEL = 1024  # smaller Adam tensors are all-reduced and updated on every rank
 
 
-def polar_express(G: Tensor) -> Tensor:
+def polar_express(G: Tensor, split: bool = False) -> Tensor:
     """Approximate polar factor U V^T of G (2-D, or batched over a leading dim), SPEC 3.3.
 
-    Works in G's dtype (the caller casts: bf16 on GPU as in the record; NorMuon uses fp32 on
-    CPU, where bf16 matmuls are slow). The Frobenius norm is taken in fp32 (fp64 for fp64).
+    Works in G's dtype (the caller casts: bf16 as in the record; NorMuon's ortho_dtype may
+    pick fp32 on CPU, where bf16 matmuls are slow). Record arithmetic: a tall G is transposed
+    first; the Frobenius norm, its scaling and the division are tensor ops in G's dtype (a
+    bf16 scalar for bf16). split: `X = a X + B X` as `C = B @ X; C += a * X` (the record's
+    MLP matrices) instead of one fused baddbmm (its attention blocks).
     """
     X = G if G.ndim == 3 else G.unsqueeze(0)
-    norm = torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True,
-                                    dtype=torch.float64 if G.dtype == torch.float64 else torch.float32)
-    X = (X / (norm * 1.02 + 1e-6)).to(G.dtype)
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
+    X = X / (torch.linalg.vector_norm(X, dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
     X = X.contiguous()
     batch, m, _ = X.shape
     A = X.new_empty(batch, m, m)
@@ -525,7 +526,12 @@ def polar_express(G: Tensor) -> Tensor:
     for a, b, c in POLAR_EXPRESS_COEFFS:
         sym_xxt(X, out=A)
         sym_ba_plus_caa(A, b, c, out=B)
-        X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
+        if split:
+            C = torch.bmm(B, X)
+            C += a * X
+            X = C
+        else:
+            X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     if tall:
         X = X.mT
     return X if G.ndim == 3 else X.squeeze(0)
@@ -574,11 +580,40 @@ def muon_groups(kinds: list[str], world_size: int, packed: bool | None = None) -
 
 def orthogonalize_update(u: Tensor, attn: bool) -> Tensor:
     """Polar Express of a stack of updates (n, rows, cols); attention qkvo updates as four
-    separate (rows/4, cols) blocks of rows (Q, K, V, O)."""
+    separate (rows/4, cols) blocks of rows (Q, K, V, O), MLP matrices with the split update."""
     if not attn:
-        return polar_express(u)
+        return polar_express(u, split=True)
     n, rows, cols = u.shape
     return polar_express(u.reshape(n * 4, rows // 4, cols)).reshape(n, rows, cols)
+
+
+def normuon_scale_(o: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
+    """NorMuon variance normalization (SPEC 3.4), in place on o and second_moment.
+
+    o: (n, units, r, c) orthogonalized updates, one unit per independently normalized block
+    (attention: Q, K, V, O; MLP: the whole matrix); second_moment: (n, units, r, 1) per row,
+    or (n, units, 1, c) per column when the unit is wider than tall, fp32. Statistics in fp32
+    from o; the final per-row scale is cast to o's dtype and applied in o's dtype. Each unit
+    keeps its Frobenius norm. Returns o.
+    """
+    dim = -1 if second_moment.size(-1) == 1 else -2
+    n_red = o.size(dim)
+    v = o.float().square().mean(dim=dim, keepdim=True)
+    v_norm = (v.sum(dim=(-2, -1), keepdim=True) * n_red).sqrt()
+    second_moment.lerp_(v, 1 - beta2)
+    r = second_moment.clamp_min(1e-10).rsqrt()
+    # clamp: an all-zero unit (e.g. c_fc's first update while c_proj is still zero) stays zero
+    v_norm_new = ((v * n_red) * r.square()).sum(dim=(-2, -1), keepdim=True).sqrt().clamp_min(1e-10)
+    return o.mul_((r * (v_norm / v_norm_new)).to(o.dtype))
+
+
+def cautious_update_(master: Tensor, u: Tensor, lr_p: Tensor, wd_factor: Tensor) -> Tensor:
+    """SPEC 3.5-3.6 in fp32, in place on master: `p - p * mask * wd_factor * lr_p - u * lr_p`,
+    mask = [u * p >= 0], u the normalized update as fp32. lr_p: per matrix, wd_factor =
+    weight_decay * lr; both fp32 rounded from Python floats."""
+    u = u.float()
+    mask = (u * master) >= 0
+    return master.copy_(master - master * mask * wd_factor * lr_p - u * lr_p)
 
 
 GRAD_SUM_DTYPES = ("auto", "param", "float32", "float64")
@@ -655,6 +690,12 @@ class GradSums:
             self.filled[p] = False
 
 
+def _scalars_to(device, values: list) -> Tensor:
+    """fp32 tensor of Python floats on `device`; on CUDA through pinned memory (no sync)."""
+    t = torch.tensor(values, dtype=torch.float32)
+    return _to_device((t,), device)[0]
+
+
 @dataclass
 class _MuonGroup:
     members: list  # matrix indices, None = zero pad
@@ -662,9 +703,11 @@ class _MuonGroup:
     mine: list  # this rank's real matrices (they lead its chunk; pads come last)
     attn: bool  # this rank's matrices are attention qkvo (orthogonalized as 4 blocks)
     momentum: Tensor  # (n, rows, cols) fp32
-    second_moment: Tensor  # (n, rows, 1) per-row, or (n, 1, cols) when wider than tall; fp32
+    # (n, units, rows/units, 1) per row of each unit, or (n, units, 1, cols) when the unit is
+    # wider than tall; fp32. units: 4 for attention (Q, K, V, O normalized apart), else 1
+    second_moment: Tensor
     mantissa: Tensor | None  # (n, rows, cols) uint16 low bits of the fp32 master (bf16 params)
-    lr_scale: Tensor  # (n, 1, 1) fp32: max(1, rows/cols)^0.5 * lr_mul
+    lr_factors: list  # per matrix: (max(1, rows/cols)^0.5, lr_mul), Python floats
 
 
 class NorMuon:
@@ -699,16 +742,17 @@ class NorMuon:
             rows, cols = real[0].shape
             if attn and rows % 4:
                 raise ValueError(f"attention qkvo must have 4*d rows, got {tuple(real[0].shape)}")
-            n = len(mine)
+            n, units = len(mine), 4 if attn else 1
+            unit_rows = rows // units
             f32 = dict(dtype=torch.float32, device=device)
             self.groups.append(_MuonGroup(
                 members=members, per_rank=k, mine=mine, attn=attn,
                 momentum=torch.zeros(n, rows, cols, **f32),
-                second_moment=torch.zeros((n, rows, 1) if rows >= cols else (n, 1, cols), **f32),
+                second_moment=torch.zeros((n, units, unit_rows, 1) if unit_rows >= cols else (n, units, 1, cols),
+                                          **f32),
                 mantissa=(torch.zeros(n, rows, cols, dtype=torch.uint16, device=device)
                           if real[0].dtype == torch.bfloat16 else None),
-                lr_scale=torch.tensor([max(1.0, rows / cols) ** 0.5 * MUON_LR_MUL[self.labels[i]]
-                                       for i in mine], **f32).view(n, 1, 1),
+                lr_factors=[(max(1.0, rows / cols) ** 0.5, MUON_LR_MUL[self.labels[i]]) for i in mine],
             ))
 
     def _stacked_grads(self, g: _MuonGroup) -> Tensor:
@@ -767,19 +811,15 @@ class NorMuon:
         u = grad.float()  # a fresh copy for bf16 grads; for fp32 the (private) stack or chunk itself
         g.momentum.lerp_(u, 1 - mu)
         u.lerp_(g.momentum, mu)  # Nesterov: u = lerp(g, m, mu)
-        o = orthogonalize_update(u.to(self.ortho_dtype), g.attn).float()
-        # NorMuon: per-row (per-column if wider than tall) second moment, then keep ||o||_F
-        v_mean = o.square().mean(dim=-1 if rows >= cols else -2, keepdim=True)
-        g.second_moment.lerp_(v_mean, 1 - self.beta2)
-        norm = torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True)
-        o = o * g.second_moment.clamp_min(1e-10).rsqrt()
-        o.mul_(norm / torch.linalg.vector_norm(o, dim=(-2, -1), keepdim=True).clamp_min(1e-10))
-        # cautious weight decay on the exact fp32 master weight
+        o = orthogonalize_update(u.to(self.ortho_dtype), g.attn)
+        units = g.second_moment.size(1)
+        o = normuon_scale_(o.view(n, units, rows // units, cols), g.second_moment, self.beta2).view(n, rows, cols)
+        # per-matrix lr and the decay factor: Python floats, each rounded once to fp32
+        lr_p = _scalars_to(grad.device, [lr * shape_f * lr_mul for shape_f, lr_mul in g.lr_factors]).view(n, 1, 1)
+        wd_factor = _scalars_to(grad.device, [self.weight_decay * lr]).view(())
         p = torch.stack([self.params[i] for i in g.mine])
         master = fp32_from_bf16_and_mantissa(p, g.mantissa) if g.mantissa is not None else p.float()
-        lr_p = g.lr_scale * lr
-        decay = (lr_p * (self.weight_decay * lr)) * master * ((o * master) >= 0)
-        master -= lr_p * o + decay
+        cautious_update_(master, o, lr_p, wd_factor)
         if g.mantissa is None:
             return master.to(p.dtype)
         split_fp32_to_bf16_and_mantissa(master, p, g.mantissa)
@@ -891,7 +931,7 @@ class DistAdam:
         b1, b2 = slot.betas
         slot.step += 1
         g = grad.float()
-        slot.m.lerp_(g, 1 - b1)
+        slot.m.mul_(b1).add_(g, alpha=1 - b1)  # SPEC 3, Adam: mul-then-add, not a lerp
         slot.v.mul_(b2).addcmul_(g, g, value=1 - b2)
         lr_p = lr * slot.lr_mul
         upd = slot.m / (slot.v.sqrt() + self.eps)
@@ -1015,11 +1055,12 @@ def norm(x: Tensor) -> Tensor:
 
 
 class YaRNRotary(nn.Module):
-    """Half-truncated rotary embedding with YaRN frequency updates.
+    """Half-truncated rotary embedding with YaRN frequency updates (SPEC 2, Rotary).
 
     The first head_dim/2 channels rotate in adjacent pairs (2j, 2j+1) with frequency
     f_j = (1/1024)^(j/(head_dim/4 - 1)); the other half does not rotate. Applying it is
     `x * cos_table + flip_pairs(x) * sin_table`, tables in bf16 for `max_positions`.
+    Arithmetic as the record: frequencies, angles and cos/sin in float32, then bf16.
     """
 
     def __init__(self, head_dim: int, max_positions: int, block_size: int):
@@ -1030,8 +1071,7 @@ class YaRNRotary(nn.Module):
         self.reset()
 
     def reset(self):
-        n = self.head_dim // 4
-        self.freqs = (1 / 1024) ** (torch.arange(n, dtype=torch.float64) / (n - 1))
+        self.freqs = (1 / 1024) ** torch.linspace(0, 1, self.head_dim // 4, dtype=torch.float32)
         self.attn_scale = 0.1
         self._build_tables()
 
@@ -1039,8 +1079,8 @@ class YaRNRotary(nn.Module):
         if self.factor1.is_meta:
             return
         dev = self.factor1.device
-        pos = torch.arange(self.max_positions, dtype=torch.float64, device=dev)
-        theta = pos[:, None] * self.freqs.to(dev)[None, :]
+        pos = torch.arange(self.max_positions, dtype=torch.float32, device=dev)
+        theta = torch.outer(pos, self.freqs.to(dev))
         cos, sin = theta.cos(), theta.sin()
         half = self.head_dim // 2
         f1 = torch.cat([cos.repeat_interleave(2, dim=-1), cos.new_ones(self.max_positions, half)], dim=-1)
@@ -1050,7 +1090,8 @@ class YaRNRotary(nn.Module):
         self.factor2.copy_(f2)
 
     def update_window(self, old: int, new: int):
-        """YaRN: stretch the low frequencies when the long window grows old -> new blocks."""
+        """YaRN: stretch the low frequencies when the long window grows old -> new blocks
+        (float32 tensor math on the float32 frequencies; attn_scale a Python float)."""
         r = self.block_size * old * self.freqs / (2 * math.pi)
         s = old / new
         w = ((r - 1) / (32 - 1)).clamp(0, 1)
@@ -1059,9 +1100,12 @@ class YaRNRotary(nn.Module):
         self._build_tables()
 
     def forward(self, x: Tensor) -> Tensor:
-        """x: (T, heads, head_dim), rotated by position 0..T-1."""
-        T = x.size(0)
-        f1, f2 = self.factor1[:T, None, :], self.factor2[:T, None, :]
+        """x: (T, heads, W), W a multiple of head_dim. Row t spans W / head_dim consecutive
+        positions: with W = head_dim it is position t; paired heads pass (T, H/2, 2*head_dim)
+        so that the first head of each adjacent pair rotates at 2t and the second at 2t+1."""
+        T, W = x.size(0), x.size(-1)
+        n = T * (W // self.head_dim)
+        f1, f2 = self.factor1[:n].view(T, 1, W), self.factor2[:n].view(T, 1, W)
         x_flip = x.view(*x.shape[:-1], -1, 2).flip(-1).view(x.shape)
         return f1 * x + f2 * x_flip
 
@@ -1093,10 +1137,12 @@ class Attention(nn.Module):
             v = v + 2 * torch.sigmoid(F.linear(gate_in, ve_gate.type_as(x)))[..., None] * ve.view(T, H, D)
         if self.paired:
             # Heads h and h + H/2 form a pair: the (T, H, D) memory viewed as (2T, H/2, D)
-            # puts the first members at position 2t and the second at 2t + 1 (no copy).
-            # Rotary over the 2T positions staggers the pair; documents double in length.
-            q, k, v = (t.reshape(2 * T, H // 2, D) for t in (q, k, v))
-            q, k = rotary(q), rotary(k)
+            # puts heads 0..H/2-1 at position 2t and H/2..H-1 at 2t + 1; documents double
+            # in length. Rotary follows the head index's parity, not the slot (SPEC 2):
+            # viewed as (T, H/2, 2D), each adjacent head pair (2m, 2m+1) takes the angles of
+            # positions 2t and 2t+1, so in pair (1, 4) head 1 (slot 2t) rotates at 2t+1.
+            q, k = (rotary(t.view(T, H // 2, 2 * D)).view(2 * T, H // 2, D) for t in (q, k))
+            v = v.reshape(2 * T, H // 2, D)
             y = attn_fn(q, k, v, 2 * cu_seqlens, 2 * max_seqlen, window, rotary.attn_scale)
             y = y.reshape(T, H, D)
         else:
@@ -1471,11 +1517,13 @@ class _ShardLoader(threading.Thread):
 
 
 class _DocumentStream:
-    """The documents of all training shards, in order, one at a time.
+    """The documents of the training shards, one shard at a time.
 
-    A document runs from a BOS to the next BOS or the end of its shard (documents never
-    span shards); tokens before the first BOS of a shard are skipped. When a shard is
-    opened, the next one starts loading in a background thread.
+    A document runs from a BOS to the next BOS or the end of its shard; tokens before the
+    first BOS of a shard are skipped. next_document() returns None when the current shard
+    has no more documents: moving on is the caller's choice (open_next_shard), so that a step
+    never mixes two shards. When a shard is opened, the next one starts loading in a
+    background thread.
     """
 
     def __init__(self, pattern):
@@ -1487,7 +1535,7 @@ class _DocumentStream:
         self.tokens_used = 0  # tokens in the shards opened so far
         self.tokens, self.starts, self.doc = None, [], 0
 
-    def _open_next_shard(self):
+    def open_next_shard(self):
         if self.pending is None:
             raise RuntimeError(
                 f"the training data ran out after {self.shards_used} shard(s) / "
@@ -1502,30 +1550,39 @@ class _DocumentStream:
         self.pending = (_ShardLoader(self.files[self.next_file])
                         if self.next_file < len(self.files) else None)
 
-    def next_document(self) -> tuple:
-        """(tokens of its shard, start, length) of the next document."""
-        while self.doc >= len(self.starts):
-            self._open_next_shard()
+    def next_document(self) -> tuple | None:
+        """(tokens of its shard, start, length) of the current shard's next document, or
+        None when the shard has none left."""
+        if self.doc >= len(self.starts):
+            return None
         start = self.starts[self.doc]
         end = self.starts[self.doc + 1] if self.doc + 1 < len(self.starts) else len(self.tokens)
         self.doc += 1
         return self.tokens, start, end - start
 
 
-def _fill_buffer(docs: _DocumentStream, num_tokens: int, max_seq_len: int) -> list:
-    """Take whole documents until exactly `num_tokens` tokens are gathered.
+def _fill_step(docs: _DocumentStream, num_tokens: int, max_seq_len: int) -> list | None:
+    """The buffers of one global step: for each of the 8 virtual ranks in order, whole
+    documents until exactly `num_tokens` tokens are gathered, all from the current shard.
 
-    Returns pieces (tokens, start, length). Each document is cut to max_seq_len tokens
-    and the last one to what is left of the buffer; the rest of a cut document is dropped
-    (the next buffer starts at a BOS again).
+    Returns, per virtual rank, pieces (tokens, start, length). Each document is cut to
+    max_seq_len tokens and the last one to what is left of the buffer; the rest of a cut
+    document is dropped (the next buffer starts at a BOS again). None if the shard runs out
+    of documents first: the partial step is then discarded (SPEC 1, shard boundary).
     """
-    pieces, need = [], num_tokens
-    while need > 0:
-        tokens, start, length = docs.next_document()
-        take = min(length, max_seq_len, need)
-        pieces.append((tokens, start, take))
-        need -= take
-    return pieces
+    step = []
+    for _ in range(VIRTUAL_RANKS):
+        pieces, need = [], num_tokens
+        while need > 0:
+            doc = docs.next_document()
+            if doc is None:
+                return None
+            tokens, start, length = doc
+            take = min(length, max_seq_len, need)
+            pieces.append((tokens, start, take))
+            need -= take
+        step.append(pieces)
+    return step
 
 
 def train_data_generator(pattern, batch_size: int, rank: int, world_size: int,
@@ -1536,8 +1593,9 @@ def train_data_generator(pattern, batch_size: int, rank: int, world_size: int,
     (inputs int32 (T,), targets int64 (T,), cu_seqlens int32 (L,)) with
     T = batch_size // 8 tokens per virtual rank and L = max(128, next_multiple_of_n(
     T // 300, 128)). For every step the 8 virtual ranks take, in order, disjoint runs
-    of consecutive documents; every sequence starts with BOS and has at most
-    max_seq_len tokens. `gen.send(new_batch_size)` changes the global batch size, and
+    of consecutive documents of one shard; every sequence starts with BOS and has at most
+    max_seq_len tokens. A step that the current shard cannot fill is discarded and drawn
+    again from the next shard (SPEC 1, shard boundary). `gen.send(new_batch_size)` changes the global batch size, and
     the step it returns already has the new size. Running out of shards raises
     RuntimeError.
     """
@@ -1556,13 +1614,14 @@ def _train_steps(docs, batch_size, rank, grad_accum, max_seq_len, device):
     while True:
         T = _tokens_per_rank(batch_size)
         L = _cu_seqlens_length(T)
+        # every process fills the buffers of all 8 virtual ranks, so that all of them discard
+        # the same partial steps and know where their own start, but only builds the tensors
+        # of its own ones
+        while (buffers := _fill_step(docs, T + 1, max_seq_len)) is None:
+            docs.open_next_shard()  # the step is drawn again from the next shard's first BOS
         step = []
-        # every process walks through the documents of all 8 virtual ranks so that it
-        # knows where its own start, but only builds the tensors of its own ones
-        for v in range(VIRTUAL_RANKS):
-            pieces = _fill_buffer(docs, T + 1, max_seq_len)
-            if v not in own:
-                continue
+        for v in own:
+            pieces = buffers[v]
             buf = torch.cat([tokens[s:s + n] for tokens, s, n in pieces])
             starts, offset = [], 0
             for _, _, n in pieces:

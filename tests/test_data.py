@@ -176,22 +176,33 @@ def write_doc_shards(tmp_path, shards, prefix="t_train"):
     return str(tmp_path / f"{prefix}_*.bin")
 
 
-def reference_steps(docs, batch_sizes, max_seq_len):
-    """Independent list-based model of the assignment: per step, 8 buffers of T+1 tokens
-    filled with whole documents cut to max_seq_len, the last one cut to fit."""
-    j, steps = 0, []
+def reference_steps(shard_docs, batch_sizes, max_seq_len):
+    """Independent list-based model of the assignment (SPEC 1): per step, 8 buffers of T+1
+    tokens filled with whole documents cut to max_seq_len, the last one cut to fit, all from
+    one shard; a step the shard cannot fill is dropped and drawn again from the next shard.
+    Returns the steps and, per step, the (shard, document) indices each one used."""
+    s, j, steps, used = 0, 0, [], []
     for B in batch_sizes:
-        T, bufs = B // 8, []
-        for _ in range(8):
-            buf = []
-            while len(buf) < T + 1:
-                if j == len(docs):
-                    return steps
-                buf += docs[j][:max_seq_len][:T + 1 - len(buf)]
-                j += 1
-            bufs.append(buf)
-        steps.append(bufs)
-    return steps
+        T = B // 8
+        while True:
+            if s == len(shard_docs):
+                return steps, used
+            docs, jj, bufs, ids = shard_docs[s], j, [], []
+            for _ in range(8):
+                buf = []
+                while len(buf) < T + 1 and jj < len(docs):
+                    buf += docs[jj][:max_seq_len][:T + 1 - len(buf)]
+                    ids.append((s, jj))
+                    jj += 1
+                if len(buf) < T + 1:
+                    break
+                bufs.append(buf)
+            if len(bufs) == 8:
+                steps.append(bufs)
+                used.append(ids)
+                j = jj
+                break
+            s, j = s + 1, 0
 
 
 def collect(pattern, batch_sizes, rank, world_size, max_seq_len):
@@ -230,31 +241,55 @@ def check_buffer(inputs, targets, cu, T, max_seq_len):
 def test_train_documents_in_order(tmp_path):
     rng = random.Random(0)
     msl = 64
-    shard_docs = [make_docs(rng, 150, msl), make_docs(rng, 90, msl), make_docs(rng, 150, msl)]
+    shard_docs = [make_docs(rng, 150, msl), make_docs(rng, 90, msl), [], make_docs(rng, 150, msl)]
     pattern = write_doc_shards(tmp_path, [([], shard_docs[0]), ([5, 6, 7], shard_docs[1]),
-                                          ([8, 9], []), ([], shard_docs[2])])
+                                          ([8, 9], shard_docs[2]), ([], shard_docs[3])])
     # the junk before the first BOS of a shard (a whole shard without BOS here) is skipped
-    docs = [d for ds in shard_docs for d in ds]
     schedule = [1024, 1024, 2048, 2048, 512, 1024] + [1024] * 50
     steps = collect(pattern, schedule, 0, 1, msl)
-    expected = reference_steps(docs, schedule, msl)
-    assert len(steps) == len(expected) >= 8  # ran out at the same step; crossed 2 shards
-    j = 0  # walk the documents: nothing skipped, nothing repeated
-    for step, B, exp in zip(steps, schedule, expected):
+    expected, used = reference_steps(shard_docs, schedule, msl)
+    assert len(steps) == len(expected) >= 8  # ran out at the same step
+    assert len({s for ids in used for s, _ in ids}) == 3  # crossed 2 shard boundaries
+    for step, B, exp, ids in zip(steps, schedule, expected, used):
         T = B // 8
         assert len(step) == 8
+        assert len({s for s, _ in ids}) == 1  # one shard per step
+        k = 0  # walk the step's documents: in order, nothing repeated
         for (inputs, targets, cu), exp_buf in zip(step, exp):
             buf, seqs = check_buffer(inputs, targets, cu, T, msl)
             assert buf == exp_buf
-            for k, s in enumerate(seqs):
-                full = docs[j][:msl]
-                if k < len(seqs) - 1:
-                    assert s == full  # whole document, cut only at max_seq_len
-                else:
-                    assert s == full[:len(s)]  # the buffer's end may cut it
-                j += 1
-    remaining = sum(min(len(d), msl) for d in docs[j:])
-    assert remaining < 8 * (schedule[len(steps)] // 8 + 1)  # truly not enough for a step
+            for n, seq in enumerate(seqs):
+                s, j = ids[k]
+                full = shard_docs[s][j][:msl]
+                assert seq == full if n < len(seqs) - 1 else seq == full[:len(seq)]  # only the end cuts
+                k += 1
+
+
+def test_train_step_never_straddles_a_shard_boundary(tmp_path):
+    """SPEC 1, shard boundary: when the current shard cannot fill all 8 buffers of a step,
+    the partial step is discarded (its documents are never used) and the whole step comes
+    from the next shard, virtual rank 0 first; 1, 2, 4 and 8 processes see the same data."""
+    T = 8  # tokens per virtual rank: buffers of 9 tokens, batch 64
+    # shard 1: two steps' worth of 9-token documents plus 5 more (not enough for a third)
+    first = [[BOS] + [1000 + 10 * i + t for t in range(8)] for i in range(8 * 2 + 5)]
+    second = [[BOS] + [5000 + 10 * i + t for t in range(8)] for i in range(8 * 3)]
+    pattern = write_doc_shards(tmp_path, [([], first), ([], second)])
+    ref = collect(pattern, [64] * 5, 0, 1, 64)
+    assert len(ref) == 5  # 2 steps from shard 1, 3 from shard 2, then out of data
+    bufs = [[mb[0].tolist() + [int(mb[1][-1])] for mb in step] for step in ref]
+    assert bufs[0] == first[0:8] and bufs[1] == first[8:16]
+    assert bufs[2] == second[0:8], "the third step starts at the next shard's first BOS, rank 0 first"
+    assert bufs[3] == second[8:16] and bufs[4] == second[16:24]
+    seen = {t for step in bufs for b in step for t in b}
+    for doc in first[16:]:
+        assert not set(doc[1:]) & seen, "a discarded document was used"
+    for ws in (2, 4, 8):
+        per_rank = [collect(pattern, [64] * 5, r, ws, 64) for r in range(ws)]
+        for s in range(5):
+            union = [mb for r in range(ws) for mb in per_rank[r][s]]
+            assert len(union) == 8
+            for a, b in zip(union, ref[s]):
+                assert all(torch.equal(x, y) for x, y in zip(a, b)), (ws, s)
 
 
 def test_train_hand_computed_example(tmp_path):

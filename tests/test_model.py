@@ -161,21 +161,42 @@ def ref_rmsnorm(x):
 
 
 def ref_freqs(head_dim):
-    n = head_dim // 4
-    return [(1 / 1024) ** (j / (n - 1)) for j in range(n)]
+    """SPEC 2, Rotary: f = (1/1024) ** linspace(0, 1, head_dim/4), in float32."""
+    return (1 / 1024) ** torch.linspace(0, 1, head_dim // 4, dtype=torch.float32)
+
+
+def ref_cos_sin(positions, freqs):
+    """The SPEC's bf16 tables at `positions`: angles outer(positions, f) in float32, cos and
+    sin in float32, then rounded to bf16 (returned as float64)."""
+    ang = torch.outer(torch.tensor(list(positions), dtype=torch.float32), torch.as_tensor(freqs, dtype=torch.float32))
+    return bf16_round(ang.cos()), bf16_round(ang.sin())
 
 
 def ref_rotate(x, positions, freqs):
     """x: (N, heads, D), row n at position positions[n]. Channel pairs (2j, 2j+1) of the
     first D/2 channels: (a, b) -> (a cos + b sin, b cos - a sin), angle p * f_j, with
-    cos/sin rounded to bf16 (the SPEC's tables); the last D/2 channels pass through."""
+    cos/sin from the bf16 tables (ref_cos_sin); the last D/2 channels pass through."""
     out = x.clone()
-    p = torch.tensor(list(positions), dtype=F64)[:, None]
-    for j, f in enumerate(freqs):
-        c, s = bf16_round(torch.cos(p * f)), bf16_round(torch.sin(p * f))
+    cos, sin = (t.to(x.dtype) for t in ref_cos_sin(positions, freqs))  # bf16 values: exact in x's dtype
+    for j in range(len(freqs)):
+        c, s = cos[:, j:j + 1], sin[:, j:j + 1]
         a, b = x[:, :, 2 * j], x[:, :, 2 * j + 1]
         out[:, :, 2 * j] = a * c + b * s
         out[:, :, 2 * j + 1] = b * c - a * s
+    return out
+
+
+def ref_rotate_paired(x2, freqs):
+    """Rotary on the paired (2T, H/2, D) sequence by HEAD INDEX PARITY (SPEC 2, paired
+    heads): slot 2t + s, pair j holds head h = j + s*H/2 of token t, which rotates at angle
+    position 2t + (h % 2), whatever its slot."""
+    out = x2.clone()
+    hp = x2.shape[1]
+    for p in range(x2.shape[0]):
+        t, s = divmod(p, 2)
+        for j in range(hp):
+            h = j + s * hp
+            out[p:p + 1, j:j + 1] = ref_rotate(x2[p:p + 1, j:j + 1], [2 * t + h % 2], freqs)
     return out
 
 
@@ -285,8 +306,7 @@ def ref_attention_layer(x, W, sa0, sa1, attn_gate, ve, ve_gate, H, D, cu, window
         v = v + 2 * torch.sigmoid(gin @ ve_gate.T)[..., None] * ve.view(T, H, D)
     if paired:
         q2, k2, v2 = to_pairs(q), to_pairs(k), to_pairs(v)
-        pos = range(2 * T)
-        q2, k2 = ref_rotate(q2, pos, freqs), ref_rotate(k2, pos, freqs)
+        q2, k2 = ref_rotate_paired(q2, freqs), ref_rotate_paired(k2, freqs)
         mask = ref_mask(2 * T, [2 * c for c in cu], window)
         y = from_pairs(ref_attend(q2, k2, v2, mask, scale))
     else:
@@ -303,7 +323,7 @@ def ref_forward(model, tokens, cu, short_blocks, long_blocks, freqs=None, scale=
     Returns logits before the softcap and a dict of intermediate values."""
     a = model.args
     H, D, d, bs = a.num_heads, a.head_dim, a.model_dim, a.block_size
-    freqs = freqs or ref_freqs(D)
+    freqs = ref_freqs(D) if freqs is None else freqs
     sc = scalars(model)
     x0l = f64(model.x0_lambda)
     cu = [int(c) for c in cu]
@@ -360,6 +380,7 @@ def ref_mtp(capped, targets, weights):
 
 
 def yarn_ref(freqs, scale, old, new, block):
+    """SPEC 2, YaRN update, written as a float64 loop (the meaning of the update)."""
     out = []
     for f in freqs:
         r = block * old * f / (2 * math.pi)
@@ -367,6 +388,16 @@ def yarn_ref(freqs, scale, old, new, block):
         w = min(max((r - 1) / (32 - 1), 0.0), 1.0)
         out.append(f * (s + w * (1 - s)))
     return out, scale * (0.2 * math.log(new / old) + 1)
+
+
+def yarn_ref_f32(freqs, old, new, block):
+    """The same update with the record's rounding (SPEC 2): float32 tensor math on the
+    float32 frequencies, r = block*old*f/(2 pi), s = old/new, w = clamp((r-1)/31, 0, 1)."""
+    f = torch.as_tensor(freqs, dtype=torch.float32)
+    r = block * old * f / (2 * math.pi)
+    s = old / new
+    w = ((r - 1) / (32 - 1)).clamp(0, 1)
+    return f * (s + w * (1 - s))
 
 
 def assert_close(got, exp, atol, rtol=0.0, msg=""):
@@ -584,8 +615,7 @@ def test_partial_key_offset_long_layers_only():
         x = f64(inputs[(layer, "attn")])
         q, k, _ = ref_qkv(x, f64(model.blocks[layer].attn.qkvo), sa[layer, 0], H, D)
         if layer in PAIRED:
-            pos = range(2 * T)
-            exp_q, exp_k = ref_rotate(to_pairs(q), pos, freqs), ref_rotate(to_pairs(k), pos, freqs)
+            exp_q, exp_k = ref_rotate_paired(to_pairs(q), freqs), ref_rotate_paired(to_pairs(k), freqs)
             assert call["cu"].tolist() == [2 * c for c in cu] and call["max_seqlen"] == 2 * max_len(cu)
         else:
             exp_q, exp_k = ref_rotate(q, range(T), freqs), ref_rotate(k, range(T), freqs)
@@ -683,6 +713,31 @@ def test_paired_mask_second_member_visibility():
     assert (out[t, second] - base[t, second]).abs().max() > 1e-2, "query 2t+1 sees key 2t"
 
 
+def test_paired_rotary_follows_head_parity_exactly():
+    """SPEC 2, paired heads: the q and k handed to attention are the 2T sequence (heads
+    0..H/2-1 at slot 2t, H/2..H-1 at 2t+1) with head h of token t rotated at angle position
+    2t + h % 2. The reference does this per (slot, head) in float32 from the model's
+    pre-rotary q/k (rms-normed projections): equal bit for bit."""
+    T = 40
+    attn, rot, x, _, sa, attn_gate, _ = paired_setup(seed=16, T=T)
+    d, H, D = attn.dim, attn.num_heads, attn.head_dim
+    rec = AttnRecorder()
+    with torch.no_grad():
+        attn(x, None, sa, attn_gate, None, rot, rec, cu_tensor([0, T]), T, 10 ** 6)
+        qkv = F.linear(x, sa[0] * attn.qkvo[:3 * d].float()).view(T, 3, H, D)
+        q, k = (F.rms_norm(qkv[:, i], (D,)) for i in (0, 1))
+    call = rec.calls[0]
+    for name, t in (("q", q), ("k", k)):
+        pairs = to_pairs(t)
+        exp = ref_rotate_paired(pairs, ref_freqs(D))
+        assert call[name].dtype == torch.float32 and torch.equal(call[name], exp), f"{name}: not the parity rule"
+        # rotating by slot instead would change exactly the pair (1, 4)
+        by_slot = ref_rotate(pairs, range(2 * T), ref_freqs(D))
+        for j in range(H // 2):
+            same = torch.equal(by_slot[:, j], exp[:, j])
+            assert same == (j != 1), f"{name}: pair {j} should {'' if j != 1 else 'not '}match slot rotation"
+
+
 # ------------------------------------------------------------------------------------
 # 6. YaRN
 # ------------------------------------------------------------------------------------
@@ -698,39 +753,59 @@ def rotary_readout(rot, P):
     return f64(rot(x))
 
 
-def check_rotary_state(rot, freqs, scale, P):
+def check_rotary_state(rot, freqs32, freqs64, scale, P):
+    """rot's frequencies equal the float32 reference bit for bit (and the float64 loop to
+    float32 rounding), its tables equal the SPEC's float32-then-bf16 tables exactly, and the
+    tables are cos/sin of the float64 angles to bf16 rounding."""
     D = rot.head_dim
     assert rot.attn_scale == pytest.approx(scale, rel=1e-12, abs=0)
-    assert_close(torch.as_tensor(rot.freqs, dtype=F64), torch.tensor(freqs, dtype=F64), atol=0, rtol=1e-12,
-                 msg="frequencies")
+    assert rot.freqs.dtype == torch.float32 and torch.equal(rot.freqs, freqs32), "frequencies (float32, bitwise)"
+    assert_close(rot.freqs, torch.tensor(freqs64, dtype=F64), atol=0, rtol=1e-6, msg="frequencies vs float64")
     y = rotary_readout(rot, P)
-    ang = torch.arange(P, dtype=F64)[:, None] * torch.tensor(freqs, dtype=F64)[None, :]
-    cos, sin = torch.cos(ang), torch.sin(ang)
     got = dict(cos_a=y[:, 0, 0:D // 2:2], msin=y[:, 0, 1:D // 2:2], sin=y[:, 1, 0:D // 2:2], cos_b=y[:, 1, 1:D // 2:2])
+    cos, sin = ref_cos_sin(range(P), freqs32)
     exp = dict(cos_a=cos, msin=-sin, sin=sin, cos_b=cos)
+    ang = torch.arange(P, dtype=F64)[:, None] * torch.tensor(freqs64, dtype=F64)[None, :]
+    approx = dict(cos_a=ang.cos(), msin=-ang.sin(), sin=ang.sin(), cos_b=ang.cos())
     for name in got:
-        g, e = got[name], exp[name]
-        assert torch.equal(g, bf16_round(g)), f"{name}: table values are not bf16"
-        assert_close(g, e, atol=1e-30, rtol=2 ** -8, msg=f"{name} within bf16 rounding")
-        assert (g == bf16_round(e)).double().mean() > 0.99, name
+        assert torch.equal(got[name], exp[name]), f"{name}: tables differ from the float32 reference"
+        # float32 angles drift from float64 ones by ~P * 2^-24 radians at position P
+        assert_close(got[name], approx[name], atol=P * 2 ** -23, rtol=2 ** -8, msg=f"{name} vs float64 angles")
     assert torch.equal(y[:, :, D // 2:], torch.ones(P, 2, D // 2, dtype=F64))
+
+
+def test_rotary_tables_are_float32_then_bf16():
+    """SPEC 2: the tables are built with float32 positions, torch.outer and cos/sin in
+    float32, then bf16; float64 angles would give other bf16 values at large positions."""
+    P = 2 * 24 * 2048  # the record's paired tables: 2 x the 48k-token packed sequence
+    rot = tg.YaRNRotary(128, P, 128)
+    freqs = ref_freqs(128)
+    ang = torch.outer(torch.arange(P, dtype=torch.float32), freqs)
+    half = torch.ones(P, 64)
+    f1 = torch.cat([ang.cos().repeat_interleave(2, dim=1), half], dim=1).to(torch.bfloat16)
+    f2 = torch.cat([torch.stack([ang.sin(), -ang.sin()], dim=2).flatten(1), 0 * half], dim=1).to(torch.bfloat16)
+    assert torch.equal(rot.factor1, f1) and torch.equal(rot.factor2, f2)
+    ang64 = torch.outer(torch.arange(P, dtype=F64), freqs.double())
+    assert not torch.equal(rot.factor1[:, :64:2], ang64.cos().to(torch.bfloat16)), "float64 would differ"
 
 
 def test_yarn_record_schedule():
     P = 2048
     rot = tg.YaRNRotary(128, P, 128)
-    freqs, scale = ref_freqs(128), 0.1
-    check_rotary_state(rot, freqs, scale, P)
+    freqs32, scale = ref_freqs(128), 0.1
+    freqs64 = [float(f) for f in freqs32]
+    check_rotary_state(rot, freqs32, freqs64, scale, P)
     initial = (rot.factor1.clone(), rot.factor2.clone())
     for old, new in [(3, 7), (7, 11), (11, 13)]:
         rot.update_window(old, new)
-        freqs, scale = yarn_ref(freqs, scale, old, new, 128)
-        check_rotary_state(rot, freqs, scale, P)
+        freqs32 = yarn_ref_f32(freqs32, old, new, 128)
+        freqs64, scale = yarn_ref(freqs64, scale, old, new, 128)
+        check_rotary_state(rot, freqs32, freqs64, scale, P)
     expected = 0.1 * (0.2 * math.log(7 / 3) + 1) * (0.2 * math.log(11 / 7) + 1) * (0.2 * math.log(13 / 11) + 1)
     assert rot.attn_scale == pytest.approx(expected, rel=1e-12)
-    assert freqs[0] == pytest.approx(1.0) and freqs[-1] < (1 / 1024) * 3 / 13 * 1.0001  # high f kept, low f stretched
+    assert freqs64[0] == pytest.approx(1.0) and freqs64[-1] < (1 / 1024) * 3 / 13 * 1.0001  # high f kept, low f stretched
     rot.reset()
-    check_rotary_state(rot, ref_freqs(128), 0.1, P)
+    check_rotary_state(rot, ref_freqs(128), [float(f) for f in ref_freqs(128)], 0.1, P)
     assert torch.equal(rot.factor1, initial[0]) and torch.equal(rot.factor2, initial[1])
 
 
@@ -738,19 +813,21 @@ def test_set_windows_updates_yarn_on_the_model():
     model = tiny_model(seed=13)
     a = model.args
     P = 256
-    freqs, scale = ref_freqs(a.head_dim), 0.1
+    freqs32, scale = ref_freqs(a.head_dim), 0.1
+    freqs64 = [float(f) for f in freqs32]
     initial = (model.rotary.factor1.clone(), model.rotary.factor2.clone())
     model.set_windows(1, 3)  # no change of the long window: nothing happens
-    check_rotary_state(model.rotary, freqs, scale, P)
+    check_rotary_state(model.rotary, freqs32, freqs64, scale, P)
     for short, long in [(3, 7), (5, 11), (6, 13)]:
         old = model.windows[1]
         model.set_windows(short, long)
-        freqs, scale = yarn_ref(freqs, scale, old, long, a.block_size)
-        check_rotary_state(model.rotary, freqs, scale, P)
+        freqs32 = yarn_ref_f32(freqs32, old, long, a.block_size)
+        freqs64, scale = yarn_ref(freqs64, scale, old, long, a.block_size)
+        check_rotary_state(model.rotary, freqs32, freqs64, scale, P)
         assert model.windows == (short, long)
     model.set_windows(6, 20, yarn=False)  # final validation window
     assert model.windows == (6, 20)
-    check_rotary_state(model.rotary, freqs, scale, P)
+    check_rotary_state(model.rotary, freqs32, freqs64, scale, P)
     # the forward pass uses the windows and the YaRN scale
     rec = AttnRecorder()
     model.attn_fn = rec
@@ -760,7 +837,7 @@ def test_set_windows_updates_yarn_on_the_model():
         assert call["window"] == (20 if layer in LONG else 6) * a.block_size
         assert call["scale"] == pytest.approx(scale, rel=1e-12)
     model.rotary.reset()
-    check_rotary_state(model.rotary, ref_freqs(a.head_dim), 0.1, P)
+    check_rotary_state(model.rotary, ref_freqs(a.head_dim), [float(f) for f in ref_freqs(a.head_dim)], 0.1, P)
     assert torch.equal(model.rotary.factor1, initial[0]) and torch.equal(model.rotary.factor2, initial[1])
 
 
@@ -794,7 +871,8 @@ def test_full_forward_matches_reference(windows, logit_capture):
     freqs, scale = ref_freqs(a.head_dim), 0.1
     if windows != (1, 3):
         model.set_windows(*windows)
-        freqs, scale = yarn_ref(freqs, scale, 3, windows[1], a.block_size)
+        freqs = yarn_ref_f32(freqs, 3, windows[1], a.block_size)
+        scale = yarn_ref([], scale, 3, windows[1], a.block_size)[1]
     T = 128
     cu = [0, 1, 30, 31, 100, T, T]
     inp, tgt = random_tokens(T, seed=22)

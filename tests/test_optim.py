@@ -133,29 +133,34 @@ def ref_polar_express(G):
 
 
 class RefMuon:
-    """One NorMuon matrix, float64, straight from SPEC 3 items 1-5."""
+    """One NorMuon matrix, float64, straight from SPEC 3 items 1-5. The variance
+    normalization (3.4) treats each unit on its own: attention's Q, K, V, O blocks, or the
+    whole MLP matrix; each unit keeps its own Frobenius norm."""
 
     def __init__(self, p, label):
         self.p = p.detach().double().clone()
         self.label = label
         self.m = torch.zeros_like(self.p)
         rows, cols = self.p.shape
-        self.s = torch.zeros(rows, 1, dtype=torch.float64) if rows >= cols else torch.zeros(1, cols, dtype=torch.float64)
+        self.units = 4 if label == "attn" else 1
+        r = rows // self.units
+        self.s = [torch.zeros(r, 1, dtype=torch.float64) if r >= cols else torch.zeros(1, cols, dtype=torch.float64)
+                  for _ in range(self.units)]
 
     def step(self, g, lr, mu, wd=MUON_WD, beta2=MUON_B2):
         g = g.double()
         self.m = self.m + (1 - mu) * (g - self.m)
         u = g + mu * (self.m - g)
         rows, cols = u.shape
-        if self.label == "attn":
-            d = rows // 4
-            o = torch.cat([ref_polar_express(u[k * d:(k + 1) * d]) for k in range(4)])
-        else:
-            o = ref_polar_express(u)
-        v = (o ** 2).mean(dim=1, keepdim=True) if rows >= cols else (o ** 2).mean(dim=0, keepdim=True)
-        self.s = self.s + (1 - beta2) * (v - self.s)
-        o2 = o / torch.sqrt(torch.clamp(self.s, min=1e-10))
-        o2 = o2 * (torch.linalg.norm(o) / torch.linalg.norm(o2))
+        r = rows // self.units
+        normalized = []
+        for k in range(self.units):
+            o = ref_polar_express(u[k * r:(k + 1) * r])
+            v = (o ** 2).mean(dim=1, keepdim=True) if r >= cols else (o ** 2).mean(dim=0, keepdim=True)
+            self.s[k] = self.s[k] + (1 - beta2) * (v - self.s[k])
+            o2 = o / torch.sqrt(torch.clamp(self.s[k], min=1e-10))
+            normalized.append(o2 * (torch.linalg.norm(o) / torch.linalg.norm(o2)))
+        o2 = torch.cat(normalized)
         lr_p = lr * math.sqrt(max(1.0, rows / cols)) * REF_MUON_LR_MUL[self.label]
         mask = (o2 * self.p >= 0).double()
         self.p = self.p - lr_p * o2 - lr_p * (wd * lr) * self.p * mask
@@ -361,7 +366,7 @@ def test_normuon_wide_matrix_uses_per_column_second_moment():
     gen = torch.Generator().manual_seed(6)
     p = nn.Parameter(torch.randn(16, 64, generator=gen).bfloat16())
     muon = T.NorMuon([p], ["mlp_fc"], weight_decay=MUON_WD, beta2=MUON_B2)
-    assert muon.groups[0].second_moment.shape == (1, 1, 64)
+    assert muon.groups[0].second_moment.shape == (1, 1, 1, 64)  # (n, units, 1, cols)
     ref = RefMuon(p, "mlp_fc")
     for step in range(2):
         g = torch.randn(16, 64, generator=gen).bfloat16()
@@ -370,6 +375,134 @@ def test_normuon_wide_matrix_uses_per_column_second_moment():
         ref.step(g, 0.02, 0.9)
     got = T.fp32_from_bf16_and_mantissa(p.detach(), muon.groups[0].mantissa[0]).double()
     torch.testing.assert_close(got, ref.p, rtol=0, atol=2e-5)
+
+
+def ref_normuon_unit(o, s, beta2):
+    """SPEC 3.4 for one unit (rows >= cols: per row), float64: v = mean of squares per row,
+    s = lerp(s, v, 1 - beta2), r = rsqrt(max(s, 1e-10)),
+    scale = r * sqrt(sum(v) * n) / sqrt(sum(v * n * r^2)). Returns (o * scale, new s)."""
+    o, s = o.double(), s.double()
+    n = o.shape[1]
+    v = (o * o).mean(dim=1, keepdim=True)
+    s = s + (1 - beta2) * (v - s)
+    r = 1 / torch.sqrt(torch.clamp(s, min=1e-10))
+    scale = r * torch.sqrt(v.sum() * n) / torch.sqrt((v * n * r * r).sum())
+    return o * scale, s
+
+
+def test_normuon_normalizes_each_attention_block_on_its_own():
+    """SPEC 3.4: for attention the unit is each d x d block (Q, K, V, O): every block keeps
+    its own Frobenius norm (to bf16 rounding), the result agrees with a float64 reference to
+    bf16 tolerance and is bf16; keeping the whole (4d, d) norm would move the blocks apart.
+    For an MLP matrix the unit is the whole matrix."""
+    gen = torch.Generator().manual_seed(7)
+    d = 32
+    # an orthogonalized-like bf16 update, and second moments that differ between blocks (as
+    # after earlier steps with differently scaled gradients)
+    o = torch.randn(1, 4 * d, d, generator=gen).bfloat16()
+    s = torch.rand(1, 4, d, 1, generator=gen) * torch.tensor([1.0, 10.0, 0.1, 3.0]).view(1, 4, 1, 1) * 1e-2
+    s_before = s.clone()
+    got = T.normuon_scale_(o.clone().view(1, 4, d, d), s, MUON_B2).view(4 * d, d)
+    assert got.dtype == torch.bfloat16
+    whole_norms = []
+    for k in range(4):
+        block = o[0, k * d:(k + 1) * d]
+        exp, exp_s = ref_normuon_unit(block, s_before[0, k], MUON_B2)
+        torch.testing.assert_close(s[0, k].double(), exp_s, rtol=1e-6, atol=0)
+        torch.testing.assert_close(got[k * d:(k + 1) * d].double(), exp, rtol=2 ** -7, atol=1e-6)
+        before, after = torch.linalg.norm(block.double()), torch.linalg.norm(got[k * d:(k + 1) * d].double())
+        assert abs(after / before - 1) < 2 ** -7, (k, before.item(), after.item())
+        whole_norms.append(torch.linalg.norm((block.double() / s_before[0, k].double().sqrt())))
+    # the whole-matrix rule would scale all four blocks by one factor: their norms would differ
+    whole = torch.stack(whole_norms) * torch.linalg.norm(o.double()) / torch.linalg.norm(torch.stack(whole_norms))
+    assert (whole / torch.linalg.norm(o.double().view(4, d, d), dim=(1, 2)) - 1).abs().max() > 0.2
+    # MLP: one unit, the whole (4d, d) matrix
+    s_mlp = torch.rand(1, 1, 4 * d, 1, generator=gen) * 1e-2
+    exp, _ = ref_normuon_unit(o[0], s_mlp[0, 0].clone(), MUON_B2)
+    got = T.normuon_scale_(o.clone().view(1, 1, 4 * d, d), s_mlp, MUON_B2).view(4 * d, d)
+    torch.testing.assert_close(got.double(), exp, rtol=2 ** -7, atol=1e-6)
+
+
+def test_normuon_attention_step_keeps_block_norms_of_the_orthogonalized_update():
+    """A whole NorMuon step on a random (4d, d) attention gradient, bf16 Polar Express as on
+    GPU, no weight decay: the update's four blocks have the norms of the four separately
+    orthogonalized blocks (to bf16 rounding)."""
+    gen = torch.Generator().manual_seed(8)
+    d = 32
+    p = nn.Parameter(torch.zeros(4 * d, d, dtype=torch.bfloat16))
+    grad = torch.randn(4 * d, d, generator=gen) * torch.tensor([1.0, 5.0, 0.2, 2.0]).repeat_interleave(d)[:, None]
+    muon = T.NorMuon([p], ["attn"], weight_decay=0.0, beta2=MUON_B2, ortho_dtype=torch.bfloat16)
+    p.grad = grad.bfloat16()
+    lr, mu = 0.02, 0.9
+    muon.step(lr, mu)
+    master = T.fp32_from_bf16_and_mantissa(p.detach(), muon.groups[0].mantissa[0]).double()
+    u = -master / (lr * math.sqrt(4))  # lr_p = lr * max(1, 4d/d)^0.5
+    nesterov = (grad.bfloat16().float() * (1 - mu)).lerp(grad.bfloat16().float(), 1 - mu)  # lerp(g, m, mu), m = (1-mu) g
+    for k in range(4):
+        ortho = T.polar_express(nesterov[k * d:(k + 1) * d].bfloat16()).double()
+        got = torch.linalg.norm(u[k * d:(k + 1) * d])
+        assert abs(got / torch.linalg.norm(ortho) - 1) < 2 ** -6, k
+
+
+def test_polar_express_follows_the_record_rounding_order():
+    """SPEC 3.3 in bf16, written out: cast to bf16, transpose a tall matrix, norm / scale /
+    divide as bf16 tensor ops, then per iteration A = X X^T, B = b A + c A A (on CPU one
+    baddbmm stands in for the Triton kernel, both rounding once), and X = a X + B X fused
+    (attention blocks) or split `C = B @ X; C += a * X` (MLP matrices)."""
+    gen = torch.Generator().manual_seed(9)
+    for shape, split in [((4, 32, 32), False), ((2, 128, 32), True)]:
+        G = torch.randn(shape, generator=gen)
+        X = G.bfloat16()
+        tall = X.size(-2) > X.size(-1)
+        if tall:
+            X = X.mT
+        X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+        assert X.dtype == torch.bfloat16
+        for a, b, c in PE_COEFFS:
+            A = torch.bmm(X, X.mT)
+            B = torch.baddbmm(A, A, A, beta=b, alpha=c)
+            if split:
+                C = torch.bmm(B, X)
+                C += a * X
+                X = C
+            else:
+                X = torch.baddbmm(X, B, X, beta=a)
+        exp = X.mT if tall else X
+        got = T.polar_express(G.bfloat16(), split=split)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, exp), shape
+    # the qkvo stack goes through the fused form block by block, MLP matrices through the split one
+    G = torch.randn(2, 128, 32, generator=gen).bfloat16()
+    assert torch.equal(T.orthogonalize_update(G, attn=True),
+                       T.polar_express(G.view(8, 32, 32)).view(2, 128, 32))
+    assert torch.equal(T.orthogonalize_update(G, attn=False), T.polar_express(G, split=True))
+
+
+def test_adam_moment_is_mul_then_add_and_scalars_are_python_floats():
+    """SPEC 3, Adam, record arithmetic in fp32: m.mul_(b1).add_(g, alpha=1-b1) (a lerp
+    rounds differently), v.mul_(b2).addcmul_(g, g, value=1-b2), upd = m / (sqrt(v) + eps)
+    * step_size with step_size a Python float, cautious decay with a Python-float factor."""
+    gen = torch.Generator().manual_seed(10)
+    p = nn.Parameter(torch.randn(64, 48, generator=gen))
+    p.label = "value_embed"
+    b1, b2, lr_mul, wd_mul = REF_ADAM["value_embed"]
+    adam = T.DistAdam([p], ["value_embed"], eps=ADAM_EPS, weight_decay=ADAM_WD)
+    m, v, w = torch.zeros(64, 48), torch.zeros(64, 48), p.detach().clone()
+    lerped = torch.zeros(64, 48)
+    for t, lr in [(1, 0.008), (2, 0.008 * 1.52)]:
+        g = torch.randn(64, 48, generator=gen)
+        p.grad = g.clone()
+        with torch.no_grad():
+            adam.step(lr)
+        m.mul_(b1).add_(g, alpha=1 - b1)
+        lerped.lerp_(g, 1 - b1)
+        v.mul_(b2).addcmul_(g, g, value=1 - b2)
+        lr_p = lr * lr_mul
+        upd = m / (v.sqrt() + ADAM_EPS) * (lr_p * (1 - b2 ** t) ** 0.5 / (1 - b1 ** t))
+        upd += (lr_p * lr_p * ADAM_WD * wd_mul) * w * ((upd * w) > 0)
+        w = w - upd
+        assert torch.equal(adam.slots[0].m, m) and torch.equal(adam.slots[0].v, v), t
+        assert torch.equal(p.detach(), w), t
+    assert not torch.equal(lerped, m), "a lerp would round differently (the check can tell)"
 
 
 # ---- Adam vs reference ------------------------------------------------------------------

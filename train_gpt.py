@@ -12,6 +12,7 @@ import glob
 import math
 import os
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -27,6 +28,11 @@ from torch import Tensor, nn
 # =====================================================================================
 
 VIRTUAL_RANKS = 8  # every run does the math of 8 ranks: world_size * grad_accum == 8
+REPO_DIR = Path(__file__).resolve().parent  # default data paths are relative to it
+
+
+class ConfigError(Exception):
+    """Bad input the user can fix: printed as one line (exit code 2), no traceback."""
 
 
 def next_multiple_of_n(v: int, n: int) -> int:
@@ -112,6 +118,82 @@ PRESETS = {
         model_dim=96,
     ),
 }
+
+
+# Every Hyperparameters field is a flag; FLAGS gives its one line of help and its allowed
+# values, which parse_args enforces (a value outside them is a one-line error, exit code 2).
+def _choices(*values):
+    return f"one of {', '.join(map(str, values))}", lambda v: v in values
+
+
+def _at_least(lo, hi=None):
+    text = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    return text, lambda v: v == v and v >= lo and (hi is None or v <= hi)  # v == v: not NaN
+
+
+def _in_open_closed(lo, hi):
+    return f"in ({lo}, {hi}]", lambda v: lo < v <= hi
+
+
+def _positive():
+    return "> 0", lambda v: v == v and 0 < v < math.inf
+
+
+_ANY = ("any", lambda v: True)
+_BOOL = ("one of true, false", lambda v: isinstance(v, bool))
+ATTENTION_BACKENDS = ("fa3", "varlen", "flex", "sdpa")  # in the order auto tries them
+GRAD_SUM_DTYPES = ("auto", "param", "float32", "float64")
+FLAGS = {
+    "train_files": ("glob of the training shards (default paths are relative to the repository)", _ANY),
+    "val_files": ("glob of the validation shards", _ANY),
+    "val_tokens": ("validation tokens per evaluation, a multiple of --val_batch_size", _positive()),
+    "val_batch_size": ("global tokens per validation step, a multiple of 8", _positive()),
+    "train_max_seq_len": ("longest training sequence; longer documents are cut", _positive()),
+    "train_batch_sizes": ("global tokens per step in each third of the schedule (the last also in the "
+                          "extension), multiples of 8", _positive()),
+    "num_scheduled_iterations": ("scheduled steps S (batch, window and lr stages are its thirds)", _at_least(3)),
+    "num_extension_iterations": ("steps after S at the final lr and the extension windows", _at_least(0)),
+    "cooldown_frac": ("fraction of S at the end over which the lr decays", _in_open_closed(0, 1)),
+    "split_embed_frac": ("fraction of S after which embed is untied from lm_head", _in_open_closed(0, 1)),
+    "lr_multipliers": ("lr multiplier of each third of the schedule", _at_least(0)),
+    "lr_final": ("lr multiplier at the end of the cooldown and in the extension", _at_least(0)),
+    "momentum_min": ("Muon momentum at the start and at the very end", _at_least(0, 1)),
+    "momentum_max": ("Muon momentum after the warm-up", _at_least(0, 1)),
+    "momentum_warmup_steps": ("steps of the Muon momentum warm-up", _positive()),
+    "momentum_cooldown_steps": ("last steps over which the Muon momentum falls back", _positive()),
+    "val_loss_every": ("validate every N steps (0: only at the end)", _at_least(0)),
+    "block_size": ("tokens per attention-window block", _positive()),
+    "long_windows": ("long window (blocks) of each third; short = long // 2", _positive()),
+    "extension_windows": ("(short, long) windows in blocks during the extension", _positive()),
+    "final_long_window": ("long window (blocks) of the final validation", _positive()),
+    # above BOS (50256) so that BOS is a token; at most 65536 (uint16 shards)
+    "vocab_size": ("vocabulary size; token ids must be below it", _in_open_closed(50256, 65536)),
+    "num_layers": ("transformer layers (the layer-specific layout needs 11)", _choices(11)),
+    "num_heads": ("attention heads (even: paired heads)", _positive()),
+    "head_dim": ("channels per head, a multiple of 4", _positive()),
+    "model_dim": ("model width = num_heads * head_dim", _positive()),
+    "muon_lr": ("NorMuon learning rate", _at_least(0)),
+    "muon_weight_decay": ("NorMuon cautious weight decay", _at_least(0)),
+    "muon_beta2": ("NorMuon second-moment decay", _at_least(0, 1)),
+    "adam_lr": ("Adam learning rate", _at_least(0)),
+    "adam_eps": ("Adam epsilon", _positive()),
+    "adam_weight_decay": ("Adam cautious weight decay", _at_least(0)),
+    "seed": ("random seed of the initialization", _at_least(0)),
+    "run_id": ("log file name logs/<run_id>.txt (default: a new UUID); never overwritten", _ANY),
+    "log_dir": ("folder of the log files", _ANY),
+    "device": ("where to train", _choices("auto", "cuda", "cpu")),
+    "attn_backend": ("attention kernel (env TRAIN_GPT_ATTN); auto: the first that works",
+                     _choices("auto", *ATTENTION_BACKENDS)),
+    "fp8": ("FP8 lm_head; auto: on when the GPU supports it", _choices("auto", "on", "off")),
+    "compile": ("torch.compile(fullgraph=True); auto: on for CUDA", _choices("auto", "on", "off")),
+    "grad_sum_dtype": ("dtype of the gradient sums over micro-batches (see README)",
+                       _choices(*GRAD_SUM_DTYPES)),
+    "warmup": ("when compiling: compile every shape first, then reset the state", _BOOL),
+    "save_model": ("path: rank 0 saves the final model there (reload with load_model)", _ANY),
+    "preset": ("base values: record (8x H100) or tiny (CPU demo); other flags override them",
+               _choices(*PRESETS)),
+}
+
 
 # =====================================================================================
 # 2. Kernels
@@ -334,9 +416,6 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, window, scale):
                        scale=scale, window_size=(window, 0))
 
 
-ATTENTION_BACKENDS = ("fa3", "varlen", "flex", "sdpa")
-
-
 def _try_backend(name: str, device: torch.device):
     """Returns (function, None) if `name` can run on `device`, else (None, reason)."""
     cuda = device.type == "cuda"
@@ -378,7 +457,7 @@ def select_attention_backend(requested: str, device) -> tuple[str, object, str]:
     if requested != "auto":
         fn, why = _try_backend(requested, device)
         if fn is None:
-            raise RuntimeError(f"--attn_backend={requested} cannot run here: {why}")
+            raise ConfigError(f"--attn_backend={requested} cannot run here: {why}")
         return requested, fn, f"attention backend: {requested} (forced)"
     skipped = []
     for name in ATTENTION_BACKENDS:
@@ -463,12 +542,13 @@ fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
 
 
 def fp8_supported(device) -> tuple[bool, str]:
+    """(supported, reason): the reason says why not (or "FP8 lm_head: on")."""
     device = torch.device(device)
     if device.type != "cuda":
-        return False, f"FP8 lm_head needs a CUDA GPU (device is {device.type}); using a float32 linear (CPU runs in float32)"
+        return False, f"FP8 lm_head needs a CUDA GPU (device is {device.type})"
     cap = torch.cuda.get_device_capability(device)
     if cap < (8, 9):
-        return False, f"FP8 lm_head needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}; using a bf16 linear"
+        return False, f"FP8 lm_head needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}"
     return True, "FP8 lm_head: on"
 
 
@@ -614,9 +694,6 @@ def cautious_update_(master: Tensor, u: Tensor, lr_p: Tensor, wd_factor: Tensor)
     u = u.float()
     mask = (u * master) >= 0
     return master.copy_(master - master * mask * wd_factor * lr_p - u * lr_p)
-
-
-GRAD_SUM_DTYPES = ("auto", "param", "float32", "float64")
 
 
 def grad_sum_dtype(setting: str, device, world_size: int) -> torch.dtype | None:
@@ -1089,6 +1166,12 @@ class YaRNRotary(nn.Module):
         self.factor1.copy_(f1)
         self.factor2.copy_(f2)
 
+    def set_state(self, freqs: Tensor, attn_scale: float):
+        """Restore saved frequencies and attention scale (save_model / load_model)."""
+        self.freqs = freqs.to(torch.float32).cpu()
+        self.attn_scale = float(attn_scale)
+        self._build_tables()
+
     def update_window(self, old: int, new: int):
         """YaRN: stretch the low frequencies when the long window grows old -> new blocks
         (float32 tensor math on the float32 frequencies; attn_scale a Python float)."""
@@ -1366,9 +1449,9 @@ def build_model(args: Hyperparameters, device, attn_backend: str | None = None, 
     if want != "off" and device.type != "meta":
         ok, msg = fp8_supported(device)
         if not ok and want == "on":
-            raise RuntimeError(f"--fp8=on: {msg}")
+            raise ConfigError(f"--fp8=on: {msg}")
         model.use_fp8 = ok
-        log(msg)
+        log(msg if ok else f"{msg}; using a {str(model.act_dtype).removeprefix('torch.')} linear")
     return model
 
 
@@ -1392,12 +1475,13 @@ SHARD_VERSION = 1
 HEADER_INTS = 256
 
 
-def read_shard(path) -> Tensor:
-    """Read one token shard and return its tokens as a 1-D uint16 tensor (on CPU).
+class DataError(RuntimeError):
+    """Training or validation data that cannot be used (ran out, bad token ids): one line."""
 
-    The header is checked against the file size so that a truncated download or a
-    file of the wrong kind fails here with a clear message instead of training on junk.
-    """
+
+def shard_token_count(path) -> int:
+    """Checks a token shard's header against its file size; returns its token count. A
+    truncated download or a file of the wrong kind fails here with a message naming it."""
     import numpy as np
 
     path = Path(path)
@@ -1423,7 +1507,20 @@ def read_shard(path) -> Tensor:
         raise ValueError(
             f"bad token shard {path}: file is {kind}: the header says {num_tokens} tokens, "
             f"so {expected} bytes are expected, but the file has {size} bytes")
-    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=header_bytes)
+    return num_tokens
+
+
+def read_shard(path, vocab_size: int | None = None) -> Tensor:
+    """Read one token shard and return its tokens as a 1-D uint16 tensor (on CPU). With
+    vocab_size, a token id >= vocab_size is an error naming the shard and its position."""
+    import numpy as np
+
+    num_tokens = shard_token_count(path)
+    tokens = np.fromfile(path, dtype="<u2", count=num_tokens, offset=HEADER_INTS * 4)
+    if vocab_size is not None and num_tokens and int(tokens.max()) >= vocab_size:
+        pos = int(np.flatnonzero(tokens >= vocab_size)[0])
+        raise DataError(f"bad token shard {path}: token id {int(tokens[pos])} at position {pos:,} is not "
+                        f"below --vocab_size={vocab_size}")
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
 
@@ -1433,7 +1530,8 @@ def list_shards(pattern) -> list[Path]:
     if not files:
         raise FileNotFoundError(
             f"no token shards match {str(pattern)!r}. Download FineWeb with "
-            f"`python data/cached_fineweb10B.py 9`, or use the bundled sample corpus "
+            f"`python data/cached_fineweb10B.py 9`, make shards of your own text with "
+            f"`python data/fineweb.py --input FILE ...`, or use the bundled sample corpus "
             f"with `--preset tiny` (see data/README.md)")
     return files
 
@@ -1494,17 +1592,17 @@ def _to_device(tensors, device) -> tuple:
 class _ShardLoader(threading.Thread):
     """Reads one shard and finds its document starts (BOS positions) in the background."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, vocab_size: int | None = None):
         # not a daemon: at exit Python waits for the (short) read instead of killing the
         # thread inside torch, which aborts the process ("terminate called ...")
         super().__init__(daemon=False)
-        self.path = path
+        self.path, self.vocab_size = path, vocab_size
         self.tokens = self.doc_starts = self.error = None
         self.start()
 
     def run(self):
         try:
-            self.tokens = read_shard(self.path)
+            self.tokens = read_shard(self.path, self.vocab_size)
             self.doc_starts = (self.tokens == BOS_ID).nonzero().flatten().tolist()
         except BaseException as e:  # re-raised in the training process by result()
             self.error = e
@@ -1526,18 +1624,18 @@ class _DocumentStream:
     background thread.
     """
 
-    def __init__(self, pattern):
-        self.pattern = pattern
+    def __init__(self, pattern, vocab_size: int | None = None):
+        self.pattern, self.vocab_size = pattern, vocab_size
         self.files = list_shards(pattern)
         self.next_file = 0
-        self.pending = _ShardLoader(self.files[0])  # start reading before the first step
+        self.pending = _ShardLoader(self.files[0], vocab_size)  # start reading before the first step
         self.shards_used = 0
         self.tokens_used = 0  # tokens in the shards opened so far
         self.tokens, self.starts, self.doc = None, [], 0
 
     def open_next_shard(self):
         if self.pending is None:
-            raise RuntimeError(
+            raise DataError(
                 f"the training data ran out after {self.shards_used} shard(s) / "
                 f"{self.tokens_used:,} tokens (files matching {str(self.pattern)!r}). Get "
                 f"more with `python data/cached_fineweb10B.py N` (N train shards of 100M "
@@ -1547,7 +1645,7 @@ class _DocumentStream:
         self.shards_used += 1
         self.tokens_used += len(self.tokens)
         self.next_file += 1
-        self.pending = (_ShardLoader(self.files[self.next_file])
+        self.pending = (_ShardLoader(self.files[self.next_file], self.vocab_size)
                         if self.next_file < len(self.files) else None)
 
     def next_document(self) -> tuple | None:
@@ -1586,7 +1684,7 @@ def _fill_step(docs: _DocumentStream, num_tokens: int, max_seq_len: int) -> list
 
 
 def train_data_generator(pattern, batch_size: int, rank: int, world_size: int,
-                         max_seq_len: int, device="cpu"):
+                         max_seq_len: int, device="cpu", vocab_size: int | None = None):
     """BOS-aligned training batches; returns a generator.
 
     Each next() yields one step for this process: a list of grad_accum tuples
@@ -1595,7 +1693,8 @@ def train_data_generator(pattern, batch_size: int, rank: int, world_size: int,
     T // 300, 128)). For every step the 8 virtual ranks take, in order, disjoint runs
     of consecutive documents of one shard; every sequence starts with BOS and has at most
     max_seq_len tokens. A step that the current shard cannot fill is discarded and drawn
-    again from the next shard (SPEC 1, shard boundary). `gen.send(new_batch_size)` changes the global batch size, and
+    again from the next shard (SPEC 1, shard boundary). Running out of shards, or a token
+    id >= vocab_size (when given), raises DataError. `gen.send(new_batch_size)` changes the global batch size, and
     the step it returns already has the new size. Running out of shards raises
     RuntimeError.
     """
@@ -1604,7 +1703,7 @@ def train_data_generator(pattern, batch_size: int, rank: int, world_size: int,
     _tokens_per_rank(batch_size)
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
-    docs = _DocumentStream(pattern)  # validates the pattern now, not at the first next()
+    docs = _DocumentStream(pattern, vocab_size)  # validates the pattern now, not at the first next()
     return _train_steps(docs, batch_size, rank, grad_accum, max_seq_len, device)
 
 
@@ -1637,7 +1736,8 @@ def _train_steps(docs, batch_size, rank, grad_accum, max_seq_len, device):
             batch_size = new_batch_size
 
 
-def val_data_generator(pattern, batch_size: int, rank: int, world_size: int, device="cpu"):
+def val_data_generator(pattern, batch_size: int, rank: int, world_size: int, device="cpu",
+                       vocab_size: int | None = None):
     """Validation batches: contiguous, NOT aligned slices of the val shards.
 
     The val shards are concatenated in order; step s covers the global tokens
@@ -1651,10 +1751,10 @@ def val_data_generator(pattern, batch_size: int, rank: int, world_size: int, dev
     _check_rank(rank, world_size)
     T = _tokens_per_rank(batch_size)
     files = list_shards(pattern)
-    return _val_steps(files, pattern, batch_size, T, rank, grad_accum, device)
+    return _val_steps(files, pattern, batch_size, T, rank, grad_accum, device, vocab_size)
 
 
-def _val_steps(files, pattern, B, T, rank, grad_accum, device):
+def _val_steps(files, pattern, B, T, rank, grad_accum, device, vocab_size):
     L = _cu_seqlens_length(T)
     warn_state = {}
     tokens = torch.empty(0, dtype=torch.uint16)
@@ -1663,7 +1763,7 @@ def _val_steps(files, pattern, B, T, rank, grad_accum, device):
     while True:
         needed = (step + 1) * B + 1  # +1: the target of the last input
         while len(tokens) < needed and next_file < len(files):
-            tokens = torch.cat([tokens, read_shard(files[next_file])])
+            tokens = torch.cat([tokens, read_shard(files[next_file], vocab_size)])
             next_file += 1
         if len(tokens) < needed:
             raise ValueError(
@@ -1771,26 +1871,34 @@ def warmup_steps(args: Hyperparameters) -> list[int]:
 # =====================================================================================
 
 
-class ConfigError(Exception):
-    """Bad input the user can fix: printed as one line, no traceback."""
-
-
 class Logger:
-    """Prints on rank 0 and appends to logs/<run_id>.txt (rank 0 only)."""
+    """Prints on rank 0 and appends to logs/<run_id>.txt (rank 0 only). The file is created
+    here and must not exist yet: an earlier run's log is never overwritten."""
 
     def __init__(self, path: Path | None):
         self.path = path
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("")
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with open(path, "x"):
+                    pass
+            except FileExistsError:
+                raise ConfigError(f"the log {path} exists already (an earlier run): choose another --run_id "
+                                  f"or move it away") from None
+            except OSError as e:
+                raise ConfigError(f"cannot create the log {path}: {e.strerror}") from None
 
     def __call__(self, msg: str = "", console: bool = True):
         if self.path is None:
             return
         if console:
             print(msg, flush=True)
-        with open(self.path, "a") as f:
-            f.write(msg + "\n")
+        try:
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")  # one write per message
+        except OSError as e:
+            path, self.path = self.path, None  # nothing more goes to this file
+            raise ConfigError(f"cannot write the log {path}: {e.strerror}") from None
 
 
 def environment_report() -> str:
@@ -1830,6 +1938,129 @@ def check_config(args: Hyperparameters, world_size: int):
         raise ConfigError(f"--grad_sum_dtype={args.grad_sum_dtype}: expected one of {', '.join(GRAD_SUM_DTYPES)}")
 
 
+def _check_writable_dir(folder: Path, what: str) -> None:
+    """ConfigError unless `folder` is (or can be made) a directory this process can write in."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {folder} ({e.strerror})") from None
+
+
+def check_inputs(args: Hyperparameters, world_size: int, rank: int, device: torch.device) -> str:
+    """Everything about a run's inputs that can be known before compiling or warming up, on
+    every rank: the attention backend and FP8 choices, the header of every train and val
+    shard, the tokens the schedule needs against those the shards hold, and (rank 0) the log
+    folder and the save path. Raises ConfigError (or ValueError naming a bad shard); returns
+    a one-line summary of the data."""
+    if args.attn_backend != "auto":
+        if _try_backend(args.attn_backend, device)[0] is None:
+            raise ConfigError(f"--attn_backend={args.attn_backend} cannot run here: "
+                              f"{_try_backend(args.attn_backend, device)[1]}")
+    if args.fp8 == "on":
+        ok, why = fp8_supported(device)
+        if not ok:
+            raise ConfigError(f"--fp8=on: {why}")
+    counts = {}
+    for flag, pattern in (("--train_files", args.train_files), ("--val_files", args.val_files)):
+        files = list_shards(pattern)
+        for f in files:
+            if shard_token_count(f) == 0:
+                raise ConfigError(f"token shard {f} ({flag}) holds no tokens")
+        counts[flag] = (len(files), sum(shard_token_count(f) for f in files))
+    N = total_steps(args)
+    # each step takes T + 1 tokens per virtual rank; cut documents lose more, so this is a floor
+    need = sum(batch_size_at(step, args) + VIRTUAL_RANKS for step in range(N))
+    n_files, have = counts["--train_files"]
+    if have < need:
+        raise ConfigError(f"the training schedule ({N} steps) needs at least {need:,} tokens but the {n_files} "
+                          f"shard(s) matching --train_files={args.train_files} hold {have:,}: add shards "
+                          f"(python data/cached_fineweb10B.py N, or data/fineweb.py for your own text) "
+                          f"or train for fewer steps")
+    n_val, have_val = counts["--val_files"]
+    if have_val < args.val_tokens + 1:
+        raise ConfigError(f"--val_tokens={args.val_tokens} needs {args.val_tokens + 1:,} tokens but the {n_val} "
+                          f"shard(s) matching --val_files={args.val_files} hold {have_val:,}")
+    if rank == 0:
+        _check_writable_dir(Path(args.log_dir), f"--log_dir={args.log_dir}")
+        if args.run_id and (os.sep in args.run_id or args.run_id in (".", "..")):
+            raise ConfigError(f"--run_id={args.run_id}: must be a plain file name")
+        if args.run_id and (Path(args.log_dir) / f"{args.run_id}.txt").exists():
+            raise ConfigError(f"the log {Path(args.log_dir) / f'{args.run_id}.txt'} exists already (an earlier "
+                              f"run): choose another --run_id or move it away")
+        if args.save_model:
+            target = Path(args.save_model)
+            if target.is_dir():
+                raise ConfigError(f"--save_model={args.save_model} is a folder; give a file path")
+            if not target.parent.is_dir():
+                raise ConfigError(f"--save_model={args.save_model}: the folder {target.parent} does not exist")
+            _check_writable_dir(target.parent, f"--save_model={args.save_model}")
+    return (f"data: {n_files} train shard(s), {have:,} tokens (the schedule needs >= {need:,}); "
+            f"{n_val} val shard(s), {have_val:,} tokens")
+
+
+@torch.no_grad()
+def evaluate(forward, model: nn.Module, args: Hyperparameters, rank: int = 0, world_size: int = 1,
+             device="cpu", max_steps: int | None = None) -> float:
+    """Mean validation loss of --val_tokens tokens (or max_steps val steps) through
+    `forward` (the model or its compiled form), averaged over the ranks."""
+    model.eval()
+    loader = val_data_generator(args.val_files, args.val_batch_size, rank, world_size, device=device,
+                                vocab_size=args.vocab_size)
+    n = args.val_tokens // args.val_batch_size
+    n = min(n, max_steps) if max_steps else n
+    total = torch.zeros((), device=device)
+    count = 0
+    for _ in range(n):
+        for inputs, targets, cu_seqlens in next(loader):
+            total += forward(inputs, targets, cu_seqlens, inputs.numel())
+            count += 1
+    total /= count
+    if world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    model.train()
+    return total.item()
+
+
+MODEL_FILE_FORMAT = "train_gpt model 1"
+
+
+def save_model(model: GPT, path) -> None:
+    """Everything needed to evaluate the model: its configuration, weights, whether embed is
+    split off, the windows and the YaRN state. Written to a temporary file, then renamed, so a
+    kill mid-save leaves no broken file."""
+    path = Path(path)
+    state = dict(format=MODEL_FILE_FORMAT, args=dataclasses.asdict(model.args), model=model.state_dict(),
+                 split_done=model.split_done, windows=tuple(model.windows),
+                 rotary_freqs=model.rotary.freqs.clone(), attn_scale=model.rotary.attn_scale)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_model(path, device="cpu", attn_backend: str = "auto") -> GPT:
+    """A model saved by save_model (--save_model), ready to evaluate on `device`."""
+    try:
+        state = torch.load(path, map_location="cpu")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: no such model file") from None
+    except Exception as e:
+        raise ConfigError(f"{path}: not a model saved by train_gpt.py ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    if not isinstance(state, dict) or state.get("format") != MODEL_FILE_FORMAT:
+        raise ConfigError(f"{path}: not a model saved by train_gpt.py --save_model")
+    args = Hyperparameters(**state["args"])
+    model = build_model(args, device, attn_backend=attn_backend, fp8="off")
+    model.load_state_dict(state["model"])
+    model.split_done = state["split_done"]
+    model.windows = tuple(state["windows"])
+    model.rotary.set_state(state["rotary_freqs"], state["attn_scale"])
+    return model
+
+
 class Trainer:
     """Holds the model, its compiled form, the optimizers and the data streams of one run."""
 
@@ -1855,13 +2086,15 @@ class Trainer:
         self.split = split_step(args)
         self.train_loader = None
         self.batch_size = None
+        self.step = None  # the step being run (for the interrupt message)
 
     # --- data ---
     def restart_data(self):
         """A fresh training stream from the start of the data (its first shard starts loading now)."""
         self.batch_size = batch_size_at(0, self.args)
         self.train_loader = train_data_generator(self.args.train_files, self.batch_size, self.rank, self.world_size,
-                                                 self.args.train_max_seq_len, device=self.device)
+                                                 self.args.train_max_seq_len, device=self.device,
+                                                 vocab_size=self.args.vocab_size)
         self._started = False
 
     def next_batches(self, batch_size: int):
@@ -1896,25 +2129,8 @@ class Trainer:
         # summed multi-token loss per token, averaged over this rank's micro-batches
         return total / (len(batches) * batches[0][0].numel())
 
-    @torch.no_grad()
     def validate(self, max_steps: int | None = None) -> float:
-        args = self.args
-        self.model.eval()
-        loader = val_data_generator(args.val_files, args.val_batch_size, self.rank, self.world_size,
-                                    device=self.device)
-        n = args.val_tokens // args.val_batch_size
-        n = min(n, max_steps) if max_steps else n
-        total = torch.zeros((), device=self.device)
-        count = 0
-        for _ in range(n):
-            for inputs, targets, cu_seqlens in next(loader):
-                total += self.forward(inputs, targets, cu_seqlens, inputs.numel())
-                count += 1
-        total /= count
-        if self.world_size > 1:
-            dist.all_reduce(total, op=dist.ReduceOp.AVG)
-        self.model.train()
-        return total.item()
+        return evaluate(self.forward, self.model, self.args, self.rank, self.world_size, self.device, max_steps)
 
     # --- warm-up and exact reset ---
     def snapshot(self):
@@ -1978,6 +2194,7 @@ class Trainer:
                 t0 = time.perf_counter()
             if last:
                 break
+            self.step = step
             loss = self.train_step(step)
             done = step + 1
             shown = ""
@@ -2000,62 +2217,96 @@ class Trainer:
 # =====================================================================================
 
 
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise ConfigError(message)
+
+
+def _flag_type(name: str, default):
+    """argparse type of flag `name`: converts and checks against FLAGS[name]."""
+    allowed, ok = FLAGS[name][1]
+    if isinstance(default, bool):
+        convert = {"true": True, "false": False}.get
+    elif isinstance(default, tuple):
+        def convert(text, kind=type(default[0])):
+            return tuple(kind(v) for v in text.split(","))
+    else:
+        convert = type(default)
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        values = value if isinstance(value, tuple) else (value,)
+        if value is None or (isinstance(default, tuple) and len(value) != len(default)) \
+                or not all(ok(v) for v in values):
+            shape = f"{len(default)} comma-separated values, each " if isinstance(default, tuple) else ""
+            kind = type(default[0] if isinstance(default, tuple) else default)
+            kind = f"{kind.__name__} " if kind in (int, float) else ""
+            raise ConfigError(f"--{name}={text}: expected {shape}{kind}{allowed}")
+        return value
+
+    return parse
+
+
 def parse_args(argv=None) -> Hyperparameters:
-    """Every Hyperparameters field is a flag (--name=value); --preset picks the base values."""
-    parser = argparse.ArgumentParser(
-        description="Train the speedrun GPT. Defaults are the 8x H100 record; --preset tiny is the CPU demo. "
-                    "Every field of Hyperparameters is a flag: --name=value (tuples as A,B,C).")
-    defaults = Hyperparameters()
+    """Every Hyperparameters field is a flag (--name=value); --preset picks the base values.
+    Values are checked against FLAGS: a bad one raises ConfigError naming the flag."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = _FlagParser(add_help=False)
+    pre.add_argument("--preset", type=_flag_type("preset", "record"), default="record")
+    preset = pre.parse_known_args(argv)[0].preset
+    base = dataclasses.replace(Hyperparameters(), **PRESETS[preset], preset=preset)
+    parser = _FlagParser(
+        description="Train the speedrun GPT. Defaults are the 8x H100 record; --preset tiny is the CPU demo "
+                    "(--preset tiny --help shows its values). Tuples are written A,B,C.")
     for f in dataclasses.fields(Hyperparameters):
-        value = getattr(defaults, f.name)
-        if isinstance(value, bool):
-            parser.add_argument(f"--{f.name}", type=_parse_bool, default=None, metavar="BOOL",
-                                help=f"(default {value})")
-        elif isinstance(value, tuple):
-            kind = type(value[0])
-            parser.add_argument(f"--{f.name}", type=lambda s, k=kind: tuple(k(v) for v in s.split(",")),
-                                default=None, metavar="A,B,..", help=f"(default {','.join(map(str, value))})")
-        else:
-            choices = list(PRESETS) if f.name == "preset" else None
-            parser.add_argument(f"--{f.name}", type=type(value), default=None, choices=choices,
-                                help=f"(default {value})")
-    ns = parser.parse_args(argv)
-    preset = ns.preset or defaults.preset
-    args = dataclasses.replace(defaults, **PRESETS[preset], preset=preset)
-    overrides = {k: v for k, v in vars(ns).items() if v is not None and k != "preset"}
-    return dataclasses.replace(args, **overrides)
-
-
-def _parse_bool(s: str) -> bool:
-    if s.lower() in ("1", "true", "yes", "on"):
-        return True
-    if s.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {s!r}")
+        value = getattr(base, f.name)
+        meaning, (allowed, _) = FLAGS[f.name]
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() \
+            if isinstance(value, bool) else value
+        parser.add_argument(f"--{f.name}", type=_flag_type(f.name, value), default=None,
+                            metavar="V", help=f"{meaning} [{allowed}; default: {shown!s}]".replace("%", "%%"))
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k != "preset"}
+    for name in ("train_files", "val_files"):  # preset defaults are relative to the repository
+        if name not in given and not os.path.isabs(getattr(base, name)):
+            given[name] = str(REPO_DIR / getattr(base, name))
+    return dataclasses.replace(base, **given)
 
 
 def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
     """--device: auto is this process's GPU when CUDA is available, else the CPU."""
     if setting == "auto":
         setting = "cuda" if torch.cuda.is_available() else "cpu"
+    if setting == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device=cuda: this machine has no usable CUDA GPU (or this torch is a CPU build); "
+                          "use --device=cpu or auto")
     return torch.device(setting, local_rank) if setting == "cuda" else torch.device(setting)
 
 
+def _stop_on_sigterm(signum, frame):
+    raise KeyboardInterrupt  # handled like Ctrl-C: one line, the log completed
+
+
 def main(argv=None):
-    args = parse_args(argv)
+    import signal
     import warnings
     # torch 2.13 deprecates these names in favour of *_single, which torch 2.11 lacks
     warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).*deprecated",
                             category=FutureWarning)
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    log, trainer = None, None
     try:
+        args = parse_args(argv)
         check_config(args, world_size)
         device = resolve_device(args.device, local_rank)
+        data_summary = check_inputs(args, world_size, rank, device)  # before any process group or log
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        list_shards(args.train_files), list_shards(args.val_files)  # fail early on missing data
         if world_size > 1:
             backend = "nccl" if device.type == "cuda" else "gloo"
             dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
@@ -2070,13 +2321,14 @@ def main(argv=None):
             f"log file {log.path}")
         log("config: " + " ".join(f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                                   for k, v in dataclasses.asdict(args).items()), console=False)
+        log(data_summary)
         trainer = Trainer(args, rank, world_size, device, log)
         warm = args.warmup and trainer.forward is not trainer.model
         if warm:
             trainer.warmup()
         trainer.run()
         if args.save_model and rank == 0:
-            torch.save(trainer.model.state_dict(), args.save_model)
+            save_model(trainer.model, args.save_model)
             log(f"saved the model to {args.save_model}")
         if device.type == "cuda":
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
@@ -2084,12 +2336,25 @@ def main(argv=None):
         else:
             import resource
             log(f"peak memory (CPU resident set): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
-    except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        sys.exit(1)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
+        _last_line(log, f"error: {e}", 2)
+    except KeyboardInterrupt:
+        where = f" at step {trainer.step}" if trainer is not None and trainer.step is not None else " before training"
+        _last_line(log, f"interrupted{where}", 130)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _last_line(log, message: str, code: int) -> None:
+    """Ends the run: `message` as the log's last line (when one is open) and on stderr."""
+    print(message, file=sys.stderr, flush=True)
+    if log is not None and log.path is not None:
+        try:
+            log(message, console=False)
+        except ConfigError:
+            pass  # the log itself failed; stderr has the message
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -185,7 +185,7 @@ def iter_local_documents(paths, sep, min_doc_chars, text_field):
         p = Path(p)
         if p.suffix == ".jsonl":
             with open(p, encoding="utf-8") as f:
-                for lineno, line in enumerate(f, 1):
+                for lineno, line in _utf8_lines(f, p):
                     if not line.strip():
                         continue
                     try:
@@ -195,7 +195,22 @@ def iter_local_documents(paths, sep, min_doc_chars, text_field):
                                          f"{text_field!r} field ({e})") from None
                     yield text
         else:
-            yield from split_text(p.read_text(encoding="utf-8"), sep, min_doc_chars)
+            try:
+                text = p.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{p}: not UTF-8 text ({e.reason} at byte {e.start:,}); convert it "
+                                 f"first, e.g. iconv -f latin1 -t utf-8") from None
+            yield from split_text(text, sep, min_doc_chars)
+
+
+def _utf8_lines(f, path):
+    """enumerate(f, 1), with a decode error named by file and line."""
+    lineno = 0
+    try:
+        for lineno, line in enumerate(f, 1):
+            yield lineno, line
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{lineno + 1}: not UTF-8 text ({e.reason})") from None
 
 
 def open_hf_dataset(name, config, split):
@@ -270,6 +285,8 @@ def parse_args(argv=None):
     p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per train shard")
     p.add_argument("--val_tokens", type=int, default=None,
                    help="tokens in the val shard (the first shard; default --shard_size)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="remove existing <prefix>_*.bin shards in --out_dir first (default: refuse to mix)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
                    help="tokenizer processes (0: tokenize in this process)")
     return p.parse_args(argv)
@@ -286,7 +303,9 @@ def main(argv=None):
     try:
         enc = get_encoding(args.vocab)
         check_encoding(enc)
-    except Exception as e:
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # also the tokenizer library's Rust panics (not Exceptions)
         how = ("check the --vocab file" if args.vocab else
                "tiktoken downloads the GPT-2 files on first use; offline, pass "
                "--vocab path/to/gpt2/encoder.json")
@@ -313,7 +332,22 @@ def main(argv=None):
 
     from tqdm import tqdm
 
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"--out_dir {out_dir} is a file, not a folder")
+    stale = sorted(out_dir.glob(f"{prefix}_*.bin")) if out_dir.is_dir() else []
+    if stale and not args.overwrite:
+        fail(f"{out_dir} already holds {len(stale)} shard(s) named {prefix}_*.bin (e.g. {stale[0].name}); the "
+             f"trainer would read them together with the new ones: pass --overwrite to remove them first, or "
+             f"choose another --out_dir or --prefix")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        import tempfile
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as e:
+        fail(f"cannot write in --out_dir {out_dir} ({e.strerror})")
+    for path in stale:
+        path.unlink()
     if args.workers > 0:
         import multiprocessing as mp
 
@@ -353,6 +387,8 @@ def main(argv=None):
             flush()
     except KeyboardInterrupt:
         fail("interrupted")
+    except ValueError as e:  # a bad input file, named in the message
+        fail(str(e))
     except Exception as e:
         if args.hf:  # network / dataset problems: one line, no traceback
             fail(f"could not read {args.hf} ({args.hf_name}): {type(e).__name__}: "

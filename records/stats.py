@@ -287,6 +287,36 @@ def source_diff(a, b, context: int = 3) -> str:
     return "".join(out)
 
 
+def config_flags(path) -> Optional[dict]:
+    """The flags of the log's `config: --a=1 --b=x ...` line (train_gpt.py writes one below
+    the separator), as {flag: value}; None if the log has no such line."""
+    _, rest = _split_source(read_log_text(path))
+    for line in rest.splitlines():
+        if line.startswith("config: "):
+            flags = {}
+            for item in (" " + line[len("config:"):].strip()).split(" --")[1:]:
+                name, _, value = item.partition("=")
+                flags["--" + name] = value
+            return flags
+    return None
+
+
+def config_diff(a, b) -> str:
+    """One line per flag whose value differs between the config lines of logs a and b
+    (`--flag: A -> B`; a flag only one log has shows `(none)` on the other side)."""
+    fa, fb = config_flags(a), config_flags(b)
+    if fa is None and fb is None:
+        return ""
+    if fa is None or fb is None:
+        return f"config: only {b if fa is None else a} has a config line\n"
+    out = []
+    for name in list(fa) + [n for n in fb if n not in fa]:
+        va, vb = fa.get(name, "(none)"), fb.get(name, "(none)")
+        if va != vb:
+            out.append(f"config {name}: {va} -> {vb}\n")
+    return "".join(out)
+
+
 # ---------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------
@@ -376,7 +406,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="keep only logs whose step count is N (default: the majority N)")
     ap.add_argument("--diff", metavar="OTHER_LOG", default=None,
                     help="with exactly one LOG: print a unified diff of the source code "
-                    "embedded in LOG and OTHER_LOG instead of statistics")
+                    "embedded in LOG and OTHER_LOG, then the flags whose values differ in their "
+                    "config lines, instead of statistics")
     return ap
 
 
@@ -389,13 +420,14 @@ def main(argv=None) -> int:
             ap.error("--diff takes exactly one LOG (the diff goes from LOG to OTHER_LOG)")
         try:
             diff = source_diff(args.logs[0], args.diff)
+            flags = config_diff(args.logs[0], args.diff)
         except LogError as e:
             print(f"{_PROG}: {e}", file=sys.stderr)
             return 1
-        if diff:
-            sys.stdout.write(diff)
+        if diff or flags:
+            sys.stdout.write(diff + flags)
         else:
-            print(f"{_PROG}: the embedded sources are identical", file=sys.stderr)
+            print(f"{_PROG}: the embedded sources and the config lines are identical", file=sys.stderr)
         return 0
 
     runs, problems = load_runs(args.logs, steps=args.steps)

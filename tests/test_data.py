@@ -480,6 +480,42 @@ def test_fineweb_script_txt(tmp_path, enc):
 
 
 @needs_vocab
+def test_fineweb_script_input_errors_are_one_line(tmp_path):
+    """Stale shards of the same prefix are refused (or removed with --overwrite); a non-UTF-8
+    input, a wrong vocab file and an unwritable output folder are one line naming them."""
+    src = tmp_path / "c.txt"
+    src.write_text("one doc\n\nanother doc\n", encoding="utf-8")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine_train_000007.bin").write_bytes(b"stale")
+
+    def one_line_error(r, *words):
+        assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+        lines = [l for l in r.stderr.splitlines() if l.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        for w in words:
+            assert str(w) in lines[0], (w, lines[0])
+
+    base = ["--vocab", VOCAB, "--prefix", "mine", "--workers", 0, "--val_tokens", 3]
+    one_line_error(run_fineweb("--input", src, "--out_dir", out, *base), out, "mine_train_000007.bin", "--overwrite")
+    assert (out / "mine_train_000007.bin").exists()
+    r = run_fineweb("--input", src, "--out_dir", out, "--overwrite", *base)
+    assert r.returncode == 0, r.stderr
+    assert not (out / "mine_train_000007.bin").exists() and (out / "mine_val_000000.bin").exists()
+
+    latin = tmp_path / "latin.txt"
+    latin.write_bytes("caf\u00e9 au lait\n".encode("latin-1"))
+    one_line_error(run_fineweb("--input", latin, "--out_dir", tmp_path / "o2", *base), latin, "UTF-8")
+    bad_vocab = tmp_path / "vocab.json"
+    bad_vocab.write_text('{"\u4e00\u4e01": 0}')
+    r = run_fineweb("--input", src, "--out_dir", tmp_path / "o3", "--vocab", bad_vocab, "--workers", 0)
+    one_line_error(r, "--vocab")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    one_line_error(run_fineweb("--input", src, "--out_dir", blocker, *base), blocker, "not a folder")
+
+
+@needs_vocab
 def test_fineweb_script_jsonl(tmp_path, enc):
     docs = ["first doc", "second\n\ndoc with blank line", "ünïcode ✓", "x" * 500]
     src = tmp_path / "c.jsonl"

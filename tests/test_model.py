@@ -519,7 +519,7 @@ def backend_fn(name, device):
         return tg.attention_flex  # forward only on CPU: called directly
     try:
         _, fn, _ = tg.select_attention_backend(name, device)
-    except RuntimeError as e:
+    except tg.ConfigError as e:
         pytest.skip(str(e))
     return fn
 
@@ -586,7 +586,7 @@ def test_document_ids_and_backend_selection():
         assert all((got[i] == got[j]) == (exp[i] == exp[j]) for i in range(48) for j in range(48))
     name, fn, _ = tg.select_attention_backend("auto", "cpu")
     assert name == "sdpa" and fn is tg.attention_sdpa
-    with pytest.raises(RuntimeError):
+    with pytest.raises(tg.ConfigError, match="--attn_backend=flex"):
         tg.select_attention_backend("flex", "cpu")  # no backward on CPU
     with pytest.raises(ValueError):
         tg.select_attention_backend("nonsense", "cpu")
@@ -1145,7 +1145,7 @@ def test_fp8_not_supported_on_cpu():
     assert ok is False and isinstance(msg, str) and msg
     model = tg.build_model(tiny_args(), "cpu", attn_backend="sdpa", fp8="auto")
     assert model.use_fp8 is False and model.act_dtype == torch.float32
-    with pytest.raises(RuntimeError):
+    with pytest.raises(tg.ConfigError, match="--fp8=on: FP8 lm_head needs a CUDA GPU"):
         tg.build_model(tiny_args(), "cpu", attn_backend="sdpa", fp8="on")
 
 

@@ -204,6 +204,23 @@ def test_source_diff_shows_changed_lines(tmp_path):
     assert stats.source_diff(a, a) == ""
 
 
+def test_diff_shows_differing_config_flags(tmp_path):
+    """Same source, different flags: --diff lists each flag that differs, from the logs'
+    `config:` lines (train_gpt.py writes one below the separator)."""
+    a = make_log(tmp_path / "a.txt", 3.2788, 108.8)
+    b = make_log(tmp_path / "b.txt", 3.2790, 108.9)
+    for path, cfg in ((a, "--muon_lr=0.023 --seed=0 --run_id=a"), (b, "--muon_lr=0.025 --seed=0 --run_id=b --x=1")):
+        text = path.read_text()
+        path.write_text(text + f"config: {cfg}\n")
+    assert stats.source_diff(a, b) == ""
+    assert stats.config_diff(a, b).splitlines() == [
+        "config --muon_lr: 0.023 -> 0.025", "config --run_id: a -> b", "config --x: (none) -> 1"]
+    res = run_cli(a, "--diff", b)
+    assert res.returncode == 0 and "config --muon_lr: 0.023 -> 0.025" in res.stdout
+    res = run_cli(a, "--diff", a)
+    assert res.returncode == 0 and res.stdout == "" and "identical" in res.stderr
+
+
 def test_diff_without_separator(tmp_path):
     a = make_log(tmp_path / "good.txt", 3.2788, 108.8)
     b = make_log(tmp_path / "nosep.txt", 3.2788, 108.8, separator=False)

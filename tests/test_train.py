@@ -2,6 +2,7 @@
 and the one-line errors for bad input."""
 import os
 import re
+import dataclasses
 import shutil
 import socket
 import subprocess
@@ -145,16 +146,27 @@ def test_same_losses_and_parameters_with_1_2_and_4_processes(tmp_path):
         for (_, a), (_, b) in zip(steps1 + vals1, steps + vals):
             assert b == pytest.approx(a, rel=1e-3), n
 
-    ref = torch.load(tmp_path / "p1.pt")
+    ref = torch.load(tmp_path / "p1.pt")["model"]
     torch.set_num_threads(2)
     init = tg.Trainer(small_args(), 0, 1, torch.device("cpu"), tg.Logger(None)).model.state_dict()
     for k in ("lm_head", "embed", "value_embeds.0", "blocks.0.attn.qkvo", "blocks.10.mlp.c_proj", "scalars"):
         assert not torch.equal(ref[k], init[k]), k  # trained (embed: split off from lm_head)
     for n in (2, 4):
-        other = torch.load(tmp_path / f"p{n}.pt")
+        other = torch.load(tmp_path / f"p{n}.pt")["model"]
         assert other.keys() == ref.keys()
         for k, v in ref.items():
             assert torch.equal(other[k], v), (n, k, (other[k].float() - v.float()).abs().max().item())
+    # the saved model reloads to the final validation loss (embed split, windows, YaRN state)
+    model = tg.load_model(tmp_path / "p1.pt", attn_backend="sdpa")
+    assert model.split_done and model.windows == tg.final_windows(small_args())
+    final = tg.evaluate(model, model, model.args)
+    assert f"{final:.4f}" == f"{vals1[-1][1]:.4f}"
+    # without the split or the YaRN state the loss differs: the check can tell
+    model.split_done = False
+    assert tg.evaluate(model, model, model.args) != final
+    model.split_done = True
+    model.rotary.reset()
+    assert tg.evaluate(model, model, model.args) != final
 
 
 # --- end to end -------------------------------------------------------------------------
@@ -181,17 +193,102 @@ def test_run_sh_tiny_demo_learns_and_logs(tmp_path):
     assert f"step:{N}/{N} val_loss:" in text and "peak memory" in text
 
 
-# --- bad input: one clear line ---------------------------------------------------------
+# --- bad input: one clear line, before step 0 -------------------------------------------
 
 def fail(args, extra_env=None):
+    """A real process: exit code 2, no traceback, the last stderr line is the one error."""
     e = {**env(2), **(extra_env or {})}
     out = subprocess.run([sys.executable, "train_gpt.py", *args], cwd=REPO, env=e, capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-2000:]
+                         timeout=600)
+    assert out.returncode == 2, out.stdout[-2000:] + out.stderr[-2000:]
     assert "Traceback" not in out.stderr, out.stderr
     lines = [l for l in out.stderr.splitlines() if l.strip()]
     assert lines[-1].startswith("error: ")
     return lines[-1]
+
+
+def write_tokens(path, tokens):
+    import numpy as np
+    header = np.zeros(256, dtype="<i4")
+    header[:3] = 20240520, 1, len(tokens)
+    path.write_bytes(header.tobytes() + np.asarray(tokens, dtype="<u2").tobytes())
+    return path
+
+
+@pytest.fixture
+def bad_inputs(tmp_path):
+    """Files for the table below; the sample corpus for everything else."""
+    sample = sorted((REPO / "data" / "sample").glob("sample_train_*.bin"))
+    (tmp_path / "two").mkdir()
+    shutil.copy(sample[0], tmp_path / "two" / "t_train_000001.bin")
+    (tmp_path / "two" / "t_train_000002.bin").write_bytes(b"\x00" * 600)
+    (tmp_path / "zero").mkdir()
+    shutil.copy(sample[0], tmp_path / "zero" / "t_train_000001.bin")
+    write_tokens(tmp_path / "zero" / "t_train_000002.bin", [])
+    write_tokens(tmp_path / "little_train_000001.bin", [50256, 1, 2, 3] * 100)
+    val = tg.read_shard(REPO / "data" / "sample" / "sample_val_000000.bin").numpy().astype("int64")
+    val[3000] = 60000
+    write_tokens(tmp_path / "badid_val_000000.bin", val)
+    (tmp_path / "logs_file").write_text("not a folder")
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "taken.txt").write_text("an earlier run's log\n")
+    return tmp_path
+
+
+# (flags, words the one error line must contain); {t} is the fixture's folder
+BAD_INPUTS = [
+    (["--compile=yes"], ["--compile=yes", "auto, on, off"]),
+    (["--compile=true"], ["--compile=true"]),
+    (["--fp8=maybe"], ["--fp8=maybe"]),
+    (["--warmup=yes"], ["--warmup=yes", "true, false"]),
+    (["--val_batch_size=0"], ["--val_batch_size=0", "> 0"]),
+    (["--val_tokens=0"], ["--val_tokens=0"]),
+    (["--num_extension_iterations=-3"], ["--num_extension_iterations=-3", ">= 0"]),
+    (["--muon_lr=nan"], ["--muon_lr=nan"]),
+    (["--long_windows=3,7"], ["--long_windows=3,7", "3 comma-separated"]),
+    (["--no_such_flag=1"], ["--no_such_flag"]),
+    (["--fp8=on"], ["--fp8=on", "CUDA"]),
+    (["--attn_backend=fa3"], ["--attn_backend=fa3", "Hopper"]),
+    (["--attn_backend=flex"], ["--attn_backend=flex"]),
+    (["--train_batch_sizes=500,768,1024"], ["train_batch_sizes", "500"]),
+    (["--val_tokens=5000"], ["--val_tokens=5000", "val_batch_size"]),
+    (["--grad_sum_dtype=half"], ["--grad_sum_dtype=half", "float64"]),
+    (["--train_files={t}/nothing_*.bin"], ["{t}/nothing_*.bin", "data/fineweb.py"]),
+    (["--train_files={t}/two/t_train_*.bin"], ["{t}/two/t_train_000002.bin", "shorter than the header"]),
+    (["--val_files={t}/two/t_train_000002.bin"], ["{t}/two/t_train_000002.bin", "bad token shard"]),
+    (["--train_files={t}/zero/t_train_*.bin"], ["{t}/zero/t_train_000002.bin", "no tokens"]),
+    (["--train_files={t}/little_train_*.bin"], ["needs at least", "400", "--train_files={t}/little_train_*.bin"]),
+    (["--val_tokens=40960", "--val_batch_size=2048"], ["--val_tokens=40960", "40,110"]),
+    (["--log_dir={t}/logs_file"], ["{t}/logs_file", "is a file"]),
+    (["--save_model=/nonexistent/dir/m.pt"], ["--save_model=/nonexistent/dir/m.pt", "does not exist"]),
+    (["--save_model={t}"], ["--save_model={t}", "folder"]),
+    (["--run_id=taken"], ["{t}/logs/taken.txt", "exists"]),
+    (["--run_id=a/b"], ["--run_id=a/b"]),
+    (["--num_layers=12"], ["--num_layers=12"]),
+]
+if not torch.cuda.is_available():
+    BAD_INPUTS.append((["--device=cuda"], ["--device=cuda", "no usable CUDA GPU"]))
+
+
+@pytest.mark.parametrize("flags,words", BAD_INPUTS, ids=[" ".join(f) for f, _ in BAD_INPUTS])
+def test_bad_input_fails_in_one_line_before_training(flags, words, bad_inputs, capsys, monkeypatch):
+    """Run in-process (main()): exit code 2, exactly one stderr line naming the culprit, no
+    training step, no log written, and the earlier log untouched."""
+    t = str(bad_inputs)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    argv = ["--preset=tiny", f"--log_dir={t}/logs"] + [f.replace("{t}", t) for f in flags]
+    with pytest.raises(SystemExit) as exit_info:
+        tg.main(argv)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2
+    lines = [l for l in err.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w.replace("{t}", t) in lines[0], (w, lines[0])
+    assert "step:" not in out
+    assert sorted(p.name for p in (bad_inputs / "logs").iterdir()) == ["taken.txt"]
+    assert (bad_inputs / "logs" / "taken.txt").read_text() == "an earlier run's log\n"
 
 
 def test_world_size_must_divide_8(tmp_path):
@@ -199,40 +296,73 @@ def test_world_size_must_divide_8(tmp_path):
     assert "WORLD_SIZE=3" in msg and "divide" in msg
 
 
-def test_batch_not_divisible(tmp_path):
-    msg = fail(["--preset=tiny", "--train_batch_sizes=500,768,1024", f"--log_dir={tmp_path}"])
-    assert "train_batch_sizes" in msg and "500" in msg
-
-
-def test_val_tokens_not_divisible(tmp_path):
-    msg = fail(["--preset=tiny", "--val_tokens=5000", f"--log_dir={tmp_path}"])
-    assert "--val_tokens=5000" in msg and "val_batch_size" in msg
-
-
-def test_bad_grad_sum_dtype(tmp_path):
-    msg = fail(["--preset=tiny", "--grad_sum_dtype=half", f"--log_dir={tmp_path}"])
-    assert "--grad_sum_dtype=half" in msg and "float64" in msg
+def test_bad_token_id_names_shard_and_position_in_the_log(bad_inputs):
+    """Token ids are checked when a shard is loaded: the error names the shard and the
+    first bad position, and is the log's last line."""
+    t = bad_inputs
+    msg = fail(["--preset=tiny", f"--val_files={t}/badid_val_*.bin", f"--log_dir={t}/logs", "--run_id=ids"])
+    assert f"{t}/badid_val_000000.bin" in msg and "60000" in msg and "3,000" in msg and "--vocab_size=50257" in msg
+    assert (t / "logs" / "ids.txt").read_text().splitlines()[-1] == msg
 
 
 def test_resolve_device():
     assert tg.resolve_device("cpu", 3) == torch.device("cpu")
-    assert tg.resolve_device("cuda", 3) == torch.device("cuda", 3)  # torchrun's LOCAL_RANK
     expected = torch.device("cuda", 1) if torch.cuda.is_available() else torch.device("cpu")
     assert tg.resolve_device("auto", 1) == expected
 
 
-def test_missing_data(tmp_path):
-    msg = fail(["--preset=tiny", f"--train_files={tmp_path}/nothing_*.bin", f"--log_dir={tmp_path}"])
-    assert f"{tmp_path}/nothing_*.bin" in msg
+def test_default_data_paths_resolve_against_the_repository(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = tg.parse_args(["--preset=tiny"])
+    assert args.train_files == str(REPO / "data" / "sample" / "sample_train_*.bin")
+    assert tg.list_shards(args.train_files) and tg.list_shards(args.val_files)
+    assert tg.parse_args(["--preset=tiny", "--train_files=mine/*.bin"]).train_files == "mine/*.bin"
 
 
-def test_corrupt_shard_is_named(tmp_path):
-    bad = tmp_path / "bad_val_000000.bin"
-    bad.write_bytes(b"\x00" * 2048)
-    msg = fail(["--preset=tiny", f"--val_files={bad}", f"--log_dir={tmp_path}"])
-    assert str(bad) in msg and "magic" in msg
+def test_help_shows_meaning_allowed_values_and_preset_defaults(capsys):
+    with pytest.raises(SystemExit):
+        tg.parse_args(["--preset=tiny", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "--compile V torch.compile(fullgraph=True); auto: on for CUDA [one of auto, on, off; default: auto]" in out
+    assert "[> 0; default: 512,768,1024]" in out  # the tiny preset's batch sizes, not the record's
+    for f in dataclasses.fields(tg.Hyperparameters):
+        assert f"--{f.name} V" in out
 
 
-def test_nan_loss_names_the_step(tmp_path):
-    msg = fail(["--preset=tiny", "--muon_lr=nan", f"--log_dir={tmp_path}"])
+def test_nan_loss_names_the_step_and_ends_the_log(tmp_path):
+    msg = fail(SHORT + ["--adam_lr=1e30", f"--log_dir={tmp_path}", "--run_id=nan"])
     assert "nan" in msg and re.search(r"at step \d+", msg)
+    assert (tmp_path / "nan.txt").read_text().splitlines()[-1] == msg
+
+
+@pytest.mark.parametrize("value", ["abc", "3", "0", "16"])
+def test_run_sh_rejects_a_bad_nproc_per_node(value):
+    if shutil.which("bash") is None:
+        pytest.skip("bash missing")
+    out = subprocess.run(["bash", str(REPO / "run.sh")], cwd=REPO, env={**env(1), "NPROC_PER_NODE": value},
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 2 and out.stdout == ""
+    assert out.stderr.strip() == (f"run.sh: NPROC_PER_NODE={value}: expected 1, 2, 4 or 8 (processes per node; "
+                                  f"the world size must divide 8)")
+
+
+@pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
+def test_interrupt_ends_with_one_line_in_the_log(tmp_path, sig):
+    """Ctrl-C or SIGTERM during training: exit code 130, `interrupted at step N` on stderr
+    and as the log's last line, no traceback."""
+    import signal
+    proc = subprocess.Popen([sys.executable, "train_gpt.py", "--preset=tiny", f"--log_dir={tmp_path}", "--run_id=int"],
+                            cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for line in proc.stdout:  # wait for the first training step, however long it takes
+            if STEP_LINE.match(line):
+                break
+        proc.send_signal(getattr(signal, sig))
+        out, err = proc.communicate(timeout=600)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    last = [l for l in err.splitlines() if l.strip()][-1]
+    assert re.fullmatch(r"interrupted at step \d+", last), err
+    assert (tmp_path / "int.txt").read_text().splitlines()[-1] == last

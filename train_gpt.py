@@ -94,6 +94,8 @@ class Hyperparameters:
     grad_sum_dtype: str = "auto"
     warmup: bool = True  # when compiling: pre-compile every shape, then reset the state
     save_model: str = ""  # path: rank 0 saves the final model state_dict there
+    checkpoint_every: int = 0  # steps between checkpoints (0: none); also one at the end and on Ctrl-C
+    resume: str = ""  # a checkpoint to continue from
     preset: str = "record"
 
 
@@ -190,6 +192,9 @@ FLAGS = {
                        _choices(*GRAD_SUM_DTYPES)),
     "warmup": ("when compiling: compile every shape first, then reset the state", _BOOL),
     "save_model": ("path: rank 0 saves the final model there (reload with load_model)", _ANY),
+    "checkpoint_every": ("write logs/<run_id>.stepNNNNNN.pt every N steps, at the end and on Ctrl-C / SIGTERM "
+                         "(0: never); the last 2 are kept", _at_least(0)),
+    "resume": ("continue from this checkpoint (same configuration and number of processes)", _ANY),
     "preset": ("base values: record (8x H100) or tiny (CPU demo); other flags override them",
                _choices(*PRESETS)),
 }
@@ -479,17 +484,48 @@ FP8_W_SCALE = 1.6 / 448
 FP8_GRAD_SCALE = 0.75 / 448
 
 
+def _f32_scalar(value: float, like: Tensor) -> Tensor:
+    # made on the device by a fill (no host-to-device copy); a constant once compiled
+    return torch.full((), value, dtype=torch.float32, device=like.device)
+
+
+def _fp8_mm_body(x: Tensor, w: Tensor, x_s: float, w_s: float):
+    x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
+    w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
+    out = torch._scaled_mm(x_f8, w_f8.T, scale_a=_f32_scalar(x_s, x), scale_b=_f32_scalar(w_s, x),
+                           out_dtype=torch.bfloat16, use_fast_accum=True)
+    return out, x_f8, w_f8
+
+
+def _fp8_mm_backward_body(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float):
+    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
+    # grad_x = g @ w : (T, V) @ (V, d); the second operand must be column-major
+    grad_x = torch._scaled_mm(g_f8, w_f8.T.contiguous().T, scale_a=_f32_scalar(grad_s, g),
+                              scale_b=_f32_scalar(w_s, g), out_dtype=torch.bfloat16, use_fast_accum=False)
+    # grad_w = g.T @ x, computed as (x.T @ g).T : (d, T) @ (T, V)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), g_f8.T.contiguous().T, scale_a=_f32_scalar(x_s, g),
+                              scale_b=_f32_scalar(grad_s, g), out_dtype=torch.float32, use_fast_accum=False).T
+    return grad_x, grad_w
+
+
+_COMPILED_FP8 = {}
+
+
+def _fp8_body(fn, device: torch.device):
+    """The op body: compiled on CUDA (as in the record: the casts and transposes fuse into
+    the scaling kernels; compiled lazily at the first call, so importing compiles nothing),
+    plain PyTorch elsewhere (CPU tests)."""
+    if device.type != "cuda":
+        return fn
+    if fn not in _COMPILED_FP8:
+        _COMPILED_FP8[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+    return _COMPILED_FP8[fn]
+
+
 @torch.library.custom_op("train_gpt::fp8_mm", mutates_args=())
 def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
     """out = x @ w.T in FP8; also returns the FP8 copies of x and w for the backward."""
-    x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
-    w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
-    out = torch._scaled_mm(
-        x_f8, w_f8.T,
-        scale_a=x.new_tensor(x_s, dtype=torch.float32), scale_b=x.new_tensor(w_s, dtype=torch.float32),
-        out_dtype=torch.bfloat16, use_fast_accum=True,
-    )
-    return out, x_f8, w_f8
+    return _fp8_body(_fp8_mm_body, x.device)(x, w, x_s, w_s)
 
 
 @fp8_mm.register_fake
@@ -500,21 +536,7 @@ def _(x, w, x_s, w_s, grad_s):
 
 @torch.library.custom_op("train_gpt::fp8_mm_backward", mutates_args=())
 def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor]:
-    one = g.new_tensor
-    g_f8 = g.div(grad_s).to(torch.float8_e5m2)
-    # grad_x = g @ w : (T, V) @ (V, d); the second operand must be column-major
-    grad_x = torch._scaled_mm(
-        g_f8, w_f8.T.contiguous().T,
-        scale_a=one(grad_s, dtype=torch.float32), scale_b=one(w_s, dtype=torch.float32),
-        out_dtype=torch.bfloat16, use_fast_accum=False,
-    )
-    # grad_w = g.T @ x, computed as (x.T @ g).T : (d, T) @ (T, V)
-    grad_w = torch._scaled_mm(
-        x_f8.T.contiguous(), g_f8.T.contiguous().T,
-        scale_a=one(x_s, dtype=torch.float32), scale_b=one(grad_s, dtype=torch.float32),
-        out_dtype=torch.float32, use_fast_accum=False,
-    ).T
-    return grad_x, grad_w
+    return _fp8_body(_fp8_mm_backward_body, g.device)(g, x_f8, w_f8, x_s, w_s, grad_s)
 
 
 @fp8_mm_backward.register_fake
@@ -690,10 +712,55 @@ def normuon_scale_(o: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
 def cautious_update_(master: Tensor, u: Tensor, lr_p: Tensor, wd_factor: Tensor) -> Tensor:
     """SPEC 3.5-3.6 in fp32, in place on master: `p - p * mask * wd_factor * lr_p - u * lr_p`,
     mask = [u * p >= 0], u the normalized update as fp32. lr_p: per matrix, wd_factor =
-    weight_decay * lr; both fp32 rounded from Python floats."""
+    weight_decay * lr; both fp32, each rounded once from the float64 product."""
     u = u.float()
     mask = (u * master) >= 0
     return master.copy_(master - master * mask * wd_factor * lr_p - u * lr_p)
+
+
+def normuon_apply_(o: Tensor, second_moment: Tensor, p: Tensor, mantissa: Tensor | None, shape_f: Tensor,
+                   lr_mul: Tensor, lr: Tensor, wd_factor: Tensor, beta2: float) -> Tensor:
+    """NorMuon's elementwise work after Polar Express, one function so that it compiles into
+    a few fused kernels (SPEC 3.4-3.6): variance normalization (in place on second_moment),
+    cautious decay and update on the fp32 master weight rebuilt from p and mantissa, split
+    back into p (a fresh stack of the parameters) and mantissa. Returns the new values.
+
+    o: (n, units, r, c); p: (n, rows, cols); shape_f, lr_mul: (n, 1, 1) float64 constants
+    (max(1, rows/cols)^0.5 and the label's lr multiplier); lr: 0-d float64 CPU tensor, the
+    scheduled lr; wd_factor: 0-d fp32 CPU tensor, weight_decay * lr rounded once from Python
+    floats (tensors: a new value is no new graph). lr_p = lr * shape_f * lr_mul is a float64
+    product rounded once to fp32, as with Python floats.
+    """
+    u = normuon_scale_(o, second_moment, beta2).view(p.shape)
+    lr_p = ((lr * shape_f) * lr_mul).float()
+    master = fp32_from_bf16_and_mantissa(p, mantissa) if mantissa is not None else p.float()
+    cautious_update_(master, u, lr_p, wd_factor)
+    if mantissa is None:
+        return master.to(p.dtype)
+    split_fp32_to_bf16_and_mantissa(master, p, mantissa)
+    return p
+
+
+def adam_update(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, b1: float, b2: float, eps: float,
+                step_size: Tensor, decay: Tensor | None) -> Tensor:
+    """One Adam update (SPEC 3, Adam) in the record's arithmetic, m and v in place (fp32):
+    m.mul_(b1).add_(g, alpha=1-b1), v.mul_(b2).addcmul_(g, g, value=1-b2),
+    upd = m / (sqrt(v) + eps) * step_size, then cautious decay upd += decay * p * [upd * p > 0]
+    (decay None: no weight decay). step_size and decay: 0-d fp32 CPU tensors made from Python
+    floats (so the schedule never makes a new graph). Returns p - upd in p's dtype."""
+    g = grad.float()
+    m.mul_(b1).add_(g, alpha=1 - b1)
+    v.mul_(b2).addcmul_(g, g, value=1 - b2)
+    upd = m / (v.sqrt() + eps) * step_size
+    p32 = p.float()
+    if decay is not None:
+        upd = upd + decay * p32 * ((upd * p32) > 0)
+    return (p32 - upd).to(p.dtype)
+
+
+def maybe_compile(fn, enabled: bool):
+    """fn, or torch.compile(fn, fullgraph=True) with static shapes when enabled."""
+    return torch.compile(fn, dynamic=False, fullgraph=True) if enabled else fn
 
 
 def grad_sum_dtype(setting: str, device, world_size: int) -> torch.dtype | None:
@@ -767,12 +834,6 @@ class GradSums:
             self.filled[p] = False
 
 
-def _scalars_to(device, values: list) -> Tensor:
-    """fp32 tensor of Python floats on `device`; on CUDA through pinned memory (no sync)."""
-    t = torch.tensor(values, dtype=torch.float32)
-    return _to_device((t,), device)[0]
-
-
 @dataclass
 class _MuonGroup:
     members: list  # matrix indices, None = zero pad
@@ -784,7 +845,8 @@ class _MuonGroup:
     # wider than tall; fp32. units: 4 for attention (Q, K, V, O normalized apart), else 1
     second_moment: Tensor
     mantissa: Tensor | None  # (n, rows, cols) uint16 low bits of the fp32 master (bf16 params)
-    lr_factors: list  # per matrix: (max(1, rows/cols)^0.5, lr_mul), Python floats
+    shape_f: Tensor  # (n, 1, 1) float64: max(1, rows/cols)^0.5 per matrix
+    lr_mul: Tensor  # (n, 1, 1) float64: the label's lr multiplier per matrix
 
 
 class NorMuon:
@@ -792,12 +854,15 @@ class NorMuon:
     The (scheduled) lr and momentum are given to each step.
 
     ortho_dtype: dtype of the Polar Express work (default bf16 on CUDA, fp32 elsewhere).
+    compile: run the elementwise work after Polar Express (normuon_apply_) compiled.
     """
 
     def __init__(self, params: list[Tensor], labels: list[str], weight_decay: float, beta2: float,
                  rank: int = 0, world_size: int = 1, packed: bool | None = None,
-                 ortho_dtype: torch.dtype | None = None, grads: GradSums | None = None):
+                 ortho_dtype: torch.dtype | None = None, grads: GradSums | None = None,
+                 compile: bool = False):
         self.params, self.labels = list(params), list(labels)
+        self._apply = maybe_compile(normuon_apply_, compile)
         self.grads = grads or GradSums([])
         self.weight_decay, self.beta2 = weight_decay, beta2
         self.rank, self.world_size = rank, world_size
@@ -829,7 +894,9 @@ class NorMuon:
                                           **f32),
                 mantissa=(torch.zeros(n, rows, cols, dtype=torch.uint16, device=device)
                           if real[0].dtype == torch.bfloat16 else None),
-                lr_factors=[(max(1.0, rows / cols) ** 0.5, MUON_LR_MUL[self.labels[i]]) for i in mine],
+                shape_f=torch.full((n, 1, 1), max(1.0, rows / cols) ** 0.5, dtype=torch.float64, device=device),
+                lr_mul=torch.tensor([MUON_LR_MUL[self.labels[i]] for i in mine], dtype=torch.float64,
+                                    device=device).view(n, 1, 1),
             ))
 
     def _stacked_grads(self, g: _MuonGroup) -> Tensor:
@@ -890,17 +957,10 @@ class NorMuon:
         u.lerp_(g.momentum, mu)  # Nesterov: u = lerp(g, m, mu)
         o = orthogonalize_update(u.to(self.ortho_dtype), g.attn)
         units = g.second_moment.size(1)
-        o = normuon_scale_(o.view(n, units, rows // units, cols), g.second_moment, self.beta2).view(n, rows, cols)
-        # per-matrix lr and the decay factor: Python floats, each rounded once to fp32
-        lr_p = _scalars_to(grad.device, [lr * shape_f * lr_mul for shape_f, lr_mul in g.lr_factors]).view(n, 1, 1)
-        wd_factor = _scalars_to(grad.device, [self.weight_decay * lr]).view(())
         p = torch.stack([self.params[i] for i in g.mine])
-        master = fp32_from_bf16_and_mantissa(p, g.mantissa) if g.mantissa is not None else p.float()
-        cautious_update_(master, o, lr_p, wd_factor)
-        if g.mantissa is None:
-            return master.to(p.dtype)
-        split_fp32_to_bf16_and_mantissa(master, p, g.mantissa)
-        return p
+        return self._apply(o.view(n, units, rows // units, cols), g.second_moment, p, g.mantissa, g.shape_f,
+                           g.lr_mul, torch.tensor(lr, dtype=torch.float64),
+                           torch.tensor(self.weight_decay * lr, dtype=torch.float32), self.beta2)
 
     def state_dict(self) -> dict:
         return {name: [None if getattr(g, name) is None else getattr(g, name).clone() for g in self.groups]
@@ -937,8 +997,9 @@ class DistAdam:
     """
 
     def __init__(self, params: list[Tensor], labels: list[str], eps: float, weight_decay: float,
-                 rank: int = 0, world_size: int = 1, grads: GradSums | None = None):
+                 rank: int = 0, world_size: int = 1, grads: GradSums | None = None, compile: bool = False):
         self.eps, self.weight_decay = eps, weight_decay
+        self._update_fn = maybe_compile(adam_update, compile)
         self.grads = grads or GradSums([])
         self.rank, self.world_size = rank, world_size
         self.armed = False
@@ -1007,16 +1068,12 @@ class DistAdam:
     def _update(self, slot: _AdamSlot, grad: Tensor, lr: float) -> Tensor:
         b1, b2 = slot.betas
         slot.step += 1
-        g = grad.float()
-        slot.m.mul_(b1).add_(g, alpha=1 - b1)  # SPEC 3, Adam: mul-then-add, not a lerp
-        slot.v.mul_(b2).addcmul_(g, g, value=1 - b2)
         lr_p = lr * slot.lr_mul
-        upd = slot.m / (slot.v.sqrt() + self.eps)
-        upd *= lr_p * (1 - b2 ** slot.step) ** 0.5 / (1 - b1 ** slot.step)
-        p = self._local(slot).float()
-        if slot.wd_mul:
-            upd += (lr_p * lr_p * self.weight_decay * slot.wd_mul) * p * ((upd * p) > 0)
-        return (p - upd).to(slot.param.dtype)
+        # Python floats, each rounded once to an fp32 scalar (0-d CPU tensors: no new graph per value)
+        step_size = torch.tensor(lr_p * (1 - b2 ** slot.step) ** 0.5 / (1 - b1 ** slot.step), dtype=torch.float32)
+        decay = (torch.tensor(lr_p * lr_p * self.weight_decay * slot.wd_mul, dtype=torch.float32)
+                 if slot.wd_mul else None)
+        return self._update_fn(self._local(slot), grad, slot.m, slot.v, b1, b2, self.eps, step_size, decay)
 
     def slot(self, label: str) -> _AdamSlot:
         found = [s for s in self.slots if s.label == label]
@@ -1048,7 +1105,7 @@ class Optimizers:
     """
 
     def __init__(self, model: nn.Module, args: Hyperparameters, rank: int, world_size: int,
-                 *, muon_packed: bool | None = None):
+                 *, muon_packed: bool | None = None, compile: bool = False):
         self.args, self.rank, self.world_size = args, rank, world_size
         muon, adam = ([], []), ([], [])
         for name, p in model.named_parameters():
@@ -1068,9 +1125,10 @@ class Optimizers:
         sum_dtype = grad_sum_dtype(args.grad_sum_dtype, params[0].device, world_size)
         self.grads = GradSums(params, sum_dtype)  # its hooks must run before DistAdam's
         self.muon = NorMuon(*muon, weight_decay=args.muon_weight_decay, beta2=args.muon_beta2,
-                            rank=rank, world_size=world_size, packed=muon_packed, grads=self.grads)
+                            rank=rank, world_size=world_size, packed=muon_packed, grads=self.grads,
+                            compile=compile)
         self.adam = DistAdam(*adam, eps=args.adam_eps, weight_decay=args.adam_weight_decay,
-                             rank=rank, world_size=world_size, grads=self.grads)
+                             rank=rank, world_size=world_size, grads=self.grads, compile=compile)
 
     def arm_adam_sync(self, flag: bool) -> None:
         """Let the Adam gradient hooks start their collectives during the next backward."""
@@ -1095,6 +1153,23 @@ class Optimizers:
         dst.m.copy_(src.m)
         dst.v.copy_(src.v)
         dst.step = src.step
+
+    def pending_grads(self) -> dict:
+        """Gradient sums waiting for the next step (after an even step: Adam's), by parameter
+        index (NorMuon's, then Adam's), as copies; for a checkpoint."""
+        params = self.muon.params + [s.param for s in self.adam.slots]
+        return {i: self.grads.get(p).detach().clone() for i, p in enumerate(params) if self.grads.get(p) is not None}
+
+    def set_pending_grads(self, grads: dict) -> None:
+        """Puts pending_grads() back (after load_state_dict, which drops all gradients)."""
+        params = self.muon.params + [s.param for s in self.adam.slots]
+        for i, g in grads.items():
+            p = params[i]
+            if p in self.grads.buffers:
+                self.grads.buffers[p].copy_(g)
+                self.grads.filled[p] = True
+            else:
+                p.grad = g.to(device=p.device, dtype=p.dtype)
 
     def state_dict(self) -> dict:
         """Copies of all optimizer state (gradients are not part of it)."""
@@ -1148,7 +1223,9 @@ class YaRNRotary(nn.Module):
         self.reset()
 
     def reset(self):
-        self.freqs = (1 / 1024) ** torch.linspace(0, 1, self.head_dim // 4, dtype=torch.float32)
+        # on the tables' device, so that a window change copies nothing from the host
+        self.freqs = (1 / 1024) ** torch.linspace(0, 1, self.head_dim // 4, dtype=torch.float32,
+                                                  device=self.factor1.device)
         self.attn_scale = 0.1
         self._build_tables()
 
@@ -1157,7 +1234,7 @@ class YaRNRotary(nn.Module):
             return
         dev = self.factor1.device
         pos = torch.arange(self.max_positions, dtype=torch.float32, device=dev)
-        theta = torch.outer(pos, self.freqs.to(dev))
+        theta = torch.outer(pos, self.freqs)
         cos, sin = theta.cos(), theta.sin()
         half = self.head_dim // 2
         f1 = torch.cat([cos.repeat_interleave(2, dim=-1), cos.new_ones(self.max_positions, half)], dim=-1)
@@ -1168,7 +1245,7 @@ class YaRNRotary(nn.Module):
 
     def set_state(self, freqs: Tensor, attn_scale: float):
         """Restore saved frequencies and attention scale (save_model / load_model)."""
-        self.freqs = freqs.to(torch.float32).cpu()
+        self.freqs = freqs.to(device=self.factor1.device, dtype=torch.float32)
         self.attn_scale = float(attn_scale)
         self._build_tables()
 
@@ -1351,6 +1428,32 @@ class GPT(nn.Module):
 
     def forward(self, input_seq: Tensor, target_seq: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 mtp_weights: Tensor | None = None) -> Tensor:
+        x = self.hidden(input_seq, cu_seqlens, max_seqlen)
+        if self.training:
+            if self.use_fp8:
+                logits = fp8_mm(x, self.lm_head, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0]
+            else:
+                logits = F.linear(x, self.lm_head.type_as(x))
+            return training_loss(logits, target_seq, mtp_weights)
+        # eval: mean cross-entropy, the head applied in chunks to bound the logits' memory
+        total = x.new_zeros((), dtype=torch.float32)
+        W = self.lm_head.type_as(x)
+        for s in range(0, x.size(0), EVAL_HEAD_CHUNK):
+            logits = softcap(F.linear(x[s:s + EVAL_HEAD_CHUNK], W).float())
+            total = total + F.cross_entropy(logits, target_seq[s:s + EVAL_HEAD_CHUNK], reduction="sum")
+        return total / x.size(0)
+
+    @torch.no_grad()
+    def next_token_logits(self, tokens: Tensor) -> Tensor:
+        """Softcapped float32 logits (vocab_size,) for the token after `tokens` (one document,
+        starting with BOS), as evaluation computes them (for sampling)."""
+        T = tokens.numel()
+        cu = torch.tensor([0, T], dtype=torch.int32, device=tokens.device)
+        x = self.hidden(tokens.to(torch.int32), cu, T)
+        return softcap(F.linear(x[-1:], self.lm_head.type_as(x)).float())[0, :self.args.vocab_size]
+
+    def hidden(self, input_seq: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
+        """The final normalized hidden states (T, d): everything before the lm_head."""
         sc = self.scalars
         resid_lambda = sc[SC_RESID:SC_RESID + 11]
         sa_lambda = sc[SC_SA:SC_SA + 22].view(11, 2)
@@ -1388,21 +1491,7 @@ class GPT(nn.Module):
                 skip = x
             if i == BACKOUT_LAYER:
                 backout = x
-        x = norm(x - sc[SC_BACKOUT] * backout)
-
-        if self.training:
-            if self.use_fp8:
-                logits = fp8_mm(x, self.lm_head, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0]
-            else:
-                logits = F.linear(x, self.lm_head.type_as(x))
-            return mtp_loss(softcap(logits.float()), target_seq, mtp_weights)
-        # eval: mean cross-entropy, the head applied in chunks to bound the logits' memory
-        total = x.new_zeros((), dtype=torch.float32)
-        W = self.lm_head.type_as(x)
-        for s in range(0, x.size(0), EVAL_HEAD_CHUNK):
-            logits = softcap(F.linear(x[s:s + EVAL_HEAD_CHUNK], W).float())
-            total = total + F.cross_entropy(logits, target_seq[s:s + EVAL_HEAD_CHUNK], reduction="sum")
-        return total / x.size(0)
+        return norm(x - sc[SC_BACKOUT] * backout)
 
 
 EVAL_HEAD_CHUNK = 32768
@@ -1412,15 +1501,50 @@ def softcap(logits: Tensor) -> Tensor:
     return 23 * torch.sigmoid((logits + 5) / 7.5)
 
 
+class _MTPLoss(torch.autograd.Function):
+    """sum_t sum_k w[k] * CE(softcap(logits)_t, target_{t+k}), positions past the end adding
+    nothing, in float32 from the raw logits (SPEC 2.6), without a (T, V) buffer per offset.
+
+    With W_t = sum_k w_k [t + k < T] and z = softcap(logits), the loss is
+    sum_t W_t lse_t - sum_t sum_k w_k z[t, target_{t+k}] (the picked values gathered from the
+    raw logits, then softcapped), and its gradient
+    dL/dlogits = (W_t softmax(z) - sum_k w_k [v == target_{t+k}]) * softcap'(logits):
+    one elementwise expression over (T, V) written once, in the logits' dtype. Compiled, the
+    forward is one reduction and the backward one fused kernel with one (T, V) output.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
+        T, K = logits.size(0), weights.size(0)
+        pos = torch.arange(T, device=targets.device)[:, None] + torch.arange(K, device=targets.device)
+        picked_targets = targets[pos.clamp(max=T - 1)]  # (T, K): target_{t+k}
+        w = weights[None, :] * (pos < T)  # (T, K): w_k, or 0 past the end
+        # softcap bounds z to (0, 23): sum(exp(z)) <= V e^23 cannot overflow fp32, so the
+        # log-sum-exp needs no max pass (one reduction, nothing (T, V) materialized)
+        lse = torch.exp(softcap(logits.float())).sum(dim=-1).log()
+        picked = softcap(logits.gather(1, picked_targets).float())
+        ctx.save_for_backward(logits, lse, picked_targets, w)
+        return (w.sum(1) * lse).sum() - (w * picked).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, lse, picked_targets, w = ctx.saved_tensors
+        x = logits.float()
+        s = torch.sigmoid((x + 5) / 7.5)
+        vocab = torch.arange(logits.size(1), device=logits.device)
+        dz = w.sum(1, keepdim=True) * torch.exp(23 * s - lse[:, None])
+        for k in range(w.size(1)):  # K <= 3: unrolled, fused into the one kernel when compiled
+            dz = dz - w[:, k:k + 1] * (picked_targets[:, k:k + 1] == vocab)
+        return (grad * dz * (23 / 7.5) * s * (1 - s)).to(logits.dtype), None, None
+
+
 def mtp_loss(logits: Tensor, targets: Tensor, weights: Tensor) -> Tensor:
-    """sum_t sum_k w[k] * CE(logits_t, target_{t+k}); positions past the end add nothing."""
-    T = logits.size(0)
-    lse = torch.logsumexp(logits, dim=-1)
-    loss = logits.new_zeros(())
-    for k in range(weights.size(0)):
-        picked = logits[: T - k].gather(1, targets[k:, None]).squeeze(1)
-        loss = loss + weights[k] * (lse[: T - k] - picked).sum()
-    return loss
+    """Training loss from the raw (not softcapped) logits, see _MTPLoss: float32 math,
+    summed over positions and prediction offsets k with weights[k]."""
+    return _MTPLoss.apply(logits, targets, weights)
+
+
+training_loss = mtp_loss  # what GPT.forward applies to the lm_head's output in training
 
 
 def rotary_positions(args: Hyperparameters) -> int:
@@ -1647,6 +1771,24 @@ class _DocumentStream:
         self.next_file += 1
         self.pending = (_ShardLoader(self.files[self.next_file], self.vocab_size)
                         if self.next_file < len(self.files) else None)
+
+    def position(self) -> tuple[int, int, int]:
+        """Where the stream stands: (shards opened, next document in the current one, tokens
+        of the shards opened), for a checkpoint."""
+        return self.shards_used, self.doc, self.tokens_used
+
+    def seek(self, position) -> None:
+        """Continue from a position() of a stream over the same files (resume)."""
+        shards_used, doc, tokens_used = (int(v) for v in position)
+        if shards_used == 0:
+            return
+        if shards_used > len(self.files):
+            raise DataError(f"the checkpoint's data position is shard {shards_used}, but only {len(self.files)} "
+                            f"shard(s) match {str(self.pattern)!r}")
+        self.pending = _ShardLoader(self.files[shards_used - 1], self.vocab_size)
+        self.next_file, self.shards_used = shards_used - 1, shards_used - 1
+        self.open_next_shard()
+        self.doc, self.tokens_used = doc, tokens_used
 
     def next_document(self) -> tuple | None:
         """(tokens of its shard, start, length) of the current shard's next document, or
@@ -2026,23 +2168,38 @@ def evaluate(forward, model: nn.Module, args: Hyperparameters, rank: int = 0, wo
 
 
 MODEL_FILE_FORMAT = "train_gpt model 1"
+CHECKPOINT_FORMAT = "train_gpt checkpoint 1"
+# flags a resumed run may change: where things go and how, not what is computed
+RUN_ONLY_FLAGS = {"run_id", "log_dir", "save_model", "checkpoint_every", "resume", "warmup", "compile", "device",
+                  "attn_backend", "fp8", "val_loss_every", "train_files", "val_files", "preset"}
+
+
+def _model_state(model: GPT) -> dict:
+    """What evaluating the model needs: configuration, weights, the embed split, the windows
+    and the YaRN state (on the CPU)."""
+    return dict(args=dataclasses.asdict(model.args), model={k: v.cpu() for k, v in model.state_dict().items()},
+                split_done=model.split_done, windows=tuple(model.windows),
+                rotary_freqs=model.rotary.freqs.cpu(), attn_scale=model.rotary.attn_scale)
+
+
+def _save_atomically(state: dict, path: Path) -> None:
+    """torch.save to a temporary file, then rename: a kill mid-save leaves no broken file."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {e.strerror}") from None
 
 
 def save_model(model: GPT, path) -> None:
-    """Everything needed to evaluate the model: its configuration, weights, whether embed is
-    split off, the windows and the YaRN state. Written to a temporary file, then renamed, so a
-    kill mid-save leaves no broken file."""
-    path = Path(path)
-    state = dict(format=MODEL_FILE_FORMAT, args=dataclasses.asdict(model.args), model=model.state_dict(),
-                 split_done=model.split_done, windows=tuple(model.windows),
-                 rotary_freqs=model.rotary.freqs.clone(), attn_scale=model.rotary.attn_scale)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Everything needed to evaluate the model (_model_state), written atomically."""
+    _save_atomically(dict(format=MODEL_FILE_FORMAT, **_model_state(model)), Path(path))
 
 
-def load_model(path, device="cpu", attn_backend: str = "auto") -> GPT:
-    """A model saved by save_model (--save_model), ready to evaluate on `device`."""
+def read_model_file(path) -> dict:
+    """The contents of a save_model file or a checkpoint; ConfigError naming a bad path."""
     try:
         state = torch.load(path, map_location="cpu")
     except FileNotFoundError:
@@ -2050,15 +2207,55 @@ def load_model(path, device="cpu", attn_backend: str = "auto") -> GPT:
     except Exception as e:
         raise ConfigError(f"{path}: not a model saved by train_gpt.py ({type(e).__name__}: "
                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    if not isinstance(state, dict) or state.get("format") != MODEL_FILE_FORMAT:
-        raise ConfigError(f"{path}: not a model saved by train_gpt.py --save_model")
-    args = Hyperparameters(**state["args"])
-    model = build_model(args, device, attn_backend=attn_backend, fp8="off")
+    if not isinstance(state, dict) or state.get("format") not in (MODEL_FILE_FORMAT, CHECKPOINT_FORMAT):
+        raise ConfigError(f"{path}: not a model saved by train_gpt.py --save_model or --checkpoint_every")
+    return state
+
+
+def restore_model_state(model: GPT, state: dict) -> None:
     model.load_state_dict(state["model"])
     model.split_done = state["split_done"]
     model.windows = tuple(state["windows"])
     model.rotary.set_state(state["rotary_freqs"], state["attn_scale"])
+
+
+def load_model(path, device="cpu", attn_backend: str = "auto") -> GPT:
+    """A model saved by save_model (--save_model) or a checkpoint, ready to evaluate on `device`."""
+    state = read_model_file(path)
+    args = Hyperparameters(**state["args"])
+    model = build_model(args, device, attn_backend=attn_backend, fp8="off")
+    restore_model_state(model, state)
     return model
+
+
+def check_resume(args: Hyperparameters, world_size: int) -> dict:
+    """The checkpoint of --resume, checked against this run's flags and process count."""
+    state = read_model_file(args.resume)
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ConfigError(f"--resume={args.resume}: a --save_model file has no optimizer or data state; "
+                          f"resume from a --checkpoint_every checkpoint")
+    saved = state["args"]
+    differ = [f"--{k}={getattr(args, k)} (checkpoint: {saved[k]})" for k in saved
+              if k not in RUN_ONLY_FLAGS and hasattr(args, k) and saved[k] != getattr(args, k)]
+    if differ:
+        raise ConfigError(f"--resume={args.resume}: the checkpoint was made with other values of "
+                          f"{', '.join(differ)}")
+    if state["world_size"] != world_size:
+        raise ConfigError(f"--resume={args.resume}: the checkpoint was made by {state['world_size']} process(es), "
+                          f"this run has {world_size}; resume with the same number")
+    return state
+
+
+# Ctrl-C / SIGTERM during the training loop: the step in progress finishes, then the loop
+# stops (with a checkpoint when checkpointing is on); elsewhere, or at a second signal, at once.
+_STOP = {"in_loop": False, "requested": False}
+
+
+def _on_stop_signal(signum, frame):
+    if _STOP["in_loop"] and not _STOP["requested"]:
+        _STOP["requested"] = True
+        return
+    raise KeyboardInterrupt
 
 
 class Trainer:
@@ -2079,7 +2276,7 @@ class Trainer:
         else:
             self.forward = self.model
         log(f"torch.compile: {'on' if use_compile else 'off'}")
-        self.opt = Optimizers(self.model, args, rank, world_size)
+        self.opt = Optimizers(self.model, args, rank, world_size, compile=use_compile)
         sum_dtype = self.opt.grads.dtype
         log(f"gradient sums over micro-batches: {str(sum_dtype).removeprefix('torch.') if sum_dtype else 'p.grad'} "
             f"(--grad_sum_dtype={args.grad_sum_dtype})")
@@ -2089,12 +2286,15 @@ class Trainer:
         self.step = None  # the step being run (for the interrupt message)
 
     # --- data ---
-    def restart_data(self):
-        """A fresh training stream from the start of the data (its first shard starts loading now)."""
-        self.batch_size = batch_size_at(0, self.args)
-        self.train_loader = train_data_generator(self.args.train_files, self.batch_size, self.rank, self.world_size,
-                                                 self.args.train_max_seq_len, device=self.device,
-                                                 vocab_size=self.args.vocab_size)
+    def restart_data(self, step: int = 0, position=None):
+        """A fresh training stream for `step` (its first shard starts loading now): from the
+        start of the data, or from a checkpoint's position."""
+        self.batch_size = batch_size_at(step, self.args)
+        self.docs = _DocumentStream(self.args.train_files, self.args.vocab_size)
+        if position is not None:
+            self.docs.seek(position)
+        self.train_loader = _train_steps(self.docs, self.batch_size, self.rank, self.grad_accum,
+                                         self.args.train_max_seq_len, self.device)
         self._started = False
 
     def next_batches(self, batch_size: int):
@@ -2153,13 +2353,13 @@ class Trainer:
         self.restart_data()
         seen_windows = set()
         for step in warmup_steps(args):
-            loss = self.train_step(step)
+            self.train_step(step)
             if self.model.windows not in seen_windows:
                 seen_windows.add(self.model.windows)
                 self.validate(max_steps=1)
         self.model.set_windows(*final_windows(args), yarn=False)
         self.validate(max_steps=1)
-        loss.item()
+        self.sync()
         self.restore(snap)
         self.log(f"warm-up ({len(warmup_steps(args))} steps + validation) took {time.perf_counter() - t0:.1f}s; "
                  f"state reset")
@@ -2168,48 +2368,120 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
-    def run(self):
+    # --- checkpoints ---
+    def checkpoint(self, step: int, train_ms: float, run_id: str) -> Path | None:
+        """Writes logs/<run_id>.stepNNNNNN.pt (on every rank's behalf; rank 0 writes): the model,
+        every rank's optimizer state and pending gradients, the step, the data position, the
+        train time and the RNG; keeps the last two. Collective: every rank calls it."""
+        import io
+
+        mine = dict(opt=self.opt.state_dict(), grads=self.opt.pending_grads())
+        mine = torch.utils._pytree.tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, mine)
+        if self.world_size > 1:  # as torch.save bytes: gather_object's pickling mishandles some dtypes
+            buf = io.BytesIO()
+            torch.save(mine, buf)
+            gathered = [None] * self.world_size if self.rank == 0 else None
+            dist.gather_object(buf.getvalue(), gathered, dst=0)
+            if self.rank != 0:
+                return None
+            ranks = [torch.load(io.BytesIO(b)) for b in gathered]
+        else:
+            ranks = [mine]
+        state = dict(format=CHECKPOINT_FORMAT, **_model_state(self.model), step=step, train_ms=train_ms,
+                     world_size=self.world_size, data=self.docs.position(), ranks=ranks,
+                     rng=torch.get_rng_state(),
+                     cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None)
+        folder = Path(self.args.log_dir)
+        path = folder / f"{run_id}.step{step:06d}.pt"
+        _save_atomically(state, path)
+        for old in sorted(folder.glob(f"{glob.escape(run_id)}.step*.pt"))[:-2]:
+            old.unlink()
+        return path
+
+    def load_checkpoint(self, state: dict) -> tuple[int, float, tuple]:
+        """Restores a checkpoint (after the warm-up, which resets to the initial state);
+        returns (step, train_ms, data position)."""
+        restore_model_state(self.model, state)
+        mine = state["ranks"][self.rank]
+        self.opt.load_state_dict(mine["opt"])
+        self.opt.set_pending_grads(mine["grads"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        return state["step"], state["train_ms"], state["data"]
+
+    def run(self, run_id: str = "run", resume: dict | None = None) -> float | None:
         args, log = self.args, self.log
         N = total_steps(args)
         # a line per step; its loss only every 25 steps on GPU, as reading it waits for the GPU
         loss_every = 1 if self.device.type == "cpu" else 25
-        self.restart_data()
-        self.model.set_windows(*windows_at(0, args))
-        train_ms = 0.0
+        first, train_ms, position = self.load_checkpoint(resume) if resume else (0, 0.0, None)
+        if resume:
+            log(f"resumed from {args.resume} at step {first}")
+        self.restart_data(first, position)
+        self.model.set_windows(*windows_at(min(first, N - 1), args))
+        val_loss = None
         self.sync()
         t0 = time.perf_counter()
-        for step in range(N + 1):
-            last = step == N
-            if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-                self.sync()
-                train_ms += 1000 * (time.perf_counter() - t0)
+        _STOP["in_loop"] = True
+        try:
+            for step in range(first, N + 1):
+                last = step == N
+                if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+                    self.sync()
+                    train_ms += 1000 * (time.perf_counter() - t0)
+                    if last:
+                        self.model.set_windows(*final_windows(args), yarn=False)
+                    val_loss = self.validate()
+                    if not math.isfinite(val_loss):
+                        raise ConfigError(f"validation loss is {val_loss} at step {step}: training diverged")
+                    log(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms"
+                        + (f" step_avg:{train_ms / step:.2f}ms" if step else ""))
+                    self.sync()
+                    t0 = time.perf_counter()
                 if last:
-                    self.model.set_windows(*final_windows(args), yarn=False)
-                val_loss = self.validate()
-                if not math.isfinite(val_loss):
-                    raise ConfigError(f"validation loss is {val_loss} at step {step}: training diverged")
-                log(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms "
-                    f"step_avg:{train_ms / max(step, 1):.2f}ms")
-                self.sync()
-                t0 = time.perf_counter()
-            if last:
-                break
-            self.step = step
-            loss = self.train_step(step)
-            done = step + 1
-            shown = ""
-            if done % loss_every == 0 or done == N:
-                if self.world_size > 1:
-                    dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise ConfigError(f"training loss is {loss_value} at step {step}: training diverged")
-                shown = f" loss:{loss_value:.4f}"
-            elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-            avg = elapsed / done
-            log(f"step:{done}/{N}{shown} train_time:{elapsed:.0f}ms step_avg:{avg:.2f}ms "
-                f"eta:{avg * (N - done) / 1000:.0f}s")
+                    break
+                self.step = step
+                loss = self.train_step(step)
+                done = step + 1
+                shown = ""
+                if done % loss_every == 0 or done == N:
+                    if self.world_size > 1:
+                        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise ConfigError(f"training loss is {loss_value} at step {step}: training diverged")
+                    shown = f" mtp_loss:{loss_value:.4f}"  # the weighted multi-token sum, per token
+                elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+                avg = elapsed / done
+                log(f"step:{done}/{N}{shown} train_time:{elapsed:.0f}ms step_avg:{avg:.2f}ms "
+                    f"eta:{avg * (N - done) / 1000:.0f}s")
+                stop = self._stop_requested(checked=bool(shown))
+                if args.checkpoint_every and (done % args.checkpoint_every == 0 or done == N or stop):
+                    self.sync()
+                    train_ms += 1000 * (time.perf_counter() - t0)
+                    path = self.checkpoint(done, train_ms, run_id)
+                    if path is not None:
+                        log(f"checkpoint: {path}")
+                    t0 = time.perf_counter()
+                if stop:
+                    self.step = done
+                    raise KeyboardInterrupt
+        finally:
+            _STOP["in_loop"] = False
         return val_loss
+
+    def _stop_requested(self, checked: bool) -> bool:
+        """Whether Ctrl-C / SIGTERM came, on any rank: all ranks stop after the same step. With
+        several GPUs the ranks agree only on steps whose loss was read (checked: the GPU has
+        been waited for anyway), so that other steps need no sync."""
+        if self.world_size == 1:
+            return _STOP["requested"]
+        if self.device.type == "cuda" and not checked:
+            return False
+        flag = torch.tensor(float(_STOP["requested"]), device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
 
 # =====================================================================================
@@ -2285,17 +2557,33 @@ def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
     return torch.device(setting, local_rank) if setting == "cuda" else torch.device(setting)
 
 
-def _stop_on_sigterm(signum, frame):
-    raise KeyboardInterrupt  # handled like Ctrl-C: one line, the log completed
+def cpu_threads_per_process(processes_here: int) -> int:
+    """Intra-op threads for a CPU run: OMP_NUM_THREADS if set, else this machine's usable
+    cores shared among its processes (more threads than cores make every step many times
+    slower on a busy machine)."""
+    if os.environ.get("OMP_NUM_THREADS", "").isdigit() and int(os.environ["OMP_NUM_THREADS"]) > 0:
+        return int(os.environ["OMP_NUM_THREADS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(1, processes_here))
+
+
+def set_allocator_defaults() -> None:
+    """Expandable segments for the CUDA caching allocator (the record's setting: less
+    fragmentation as the batch grows), unless the user chose an allocator configuration.
+    Must run before CUDA initializes, so main() does it first, not the import."""
+    if "PYTORCH_ALLOC_CONF" not in os.environ and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
+        os.environ["PYTORCH_ALLOC_CONF"] = "expandable_segments:True"
 
 
 def main(argv=None):
+    set_allocator_defaults()
     import signal
     import warnings
     # torch 2.13 deprecates these names in favour of *_single, which torch 2.11 lacks
     warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).*deprecated",
                             category=FutureWarning)
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    signal.signal(signal.SIGTERM, _on_stop_signal)
+    signal.signal(signal.SIGINT, _on_stop_signal)
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -2305,6 +2593,10 @@ def main(argv=None):
         check_config(args, world_size)
         device = resolve_device(args.device, local_rank)
         data_summary = check_inputs(args, world_size, rank, device)  # before any process group or log
+        resume = check_resume(args, world_size) if args.resume else None
+        if device.type == "cpu":
+            threads = cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+            torch.set_num_threads(threads)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         if world_size > 1:
@@ -2317,8 +2609,8 @@ def main(argv=None):
         log("=" * 100, console=False)
         log(environment_report(), console=False)
         log("=" * 100, console=False)
-        log(f"run {run_id}: {world_size} process(es) x {VIRTUAL_RANKS // world_size} micro-batches on {device}; "
-            f"log file {log.path}")
+        log(f"run {run_id}: {world_size} process(es) x {VIRTUAL_RANKS // world_size} micro-batches on {device}"
+            + (f" ({torch.get_num_threads()} thread(s) each)" if device.type == "cpu" else "") + f"; log file {log.path}")
         log("config: " + " ".join(f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                                   for k, v in dataclasses.asdict(args).items()), console=False)
         log(data_summary)
@@ -2326,7 +2618,7 @@ def main(argv=None):
         warm = args.warmup and trainer.forward is not trainer.model
         if warm:
             trainer.warmup()
-        trainer.run()
+        trainer.run(run_id, resume)
         if args.save_model and rank == 0:
             save_model(trainer.model, args.save_model)
             log(f"saved the model to {args.save_model}")

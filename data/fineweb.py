@@ -17,7 +17,10 @@ Layout (mirrors the FineWeb shards): the first shard is validation,
 <prefix>_val_000000.bin, then <prefix>_train_000001.bin, <prefix>_train_000002.bin, ...
 Documents are never split: a shard is closed at the first document boundary where it holds
 at least its target size (--val_tokens for the val shard, --shard_size for the others), so
-every shard starts with BOS; only the last shard may be smaller.
+every shard starts with BOS; only the last shard may be smaller. The validation size, unless
+--val_tokens is given: for local files --val_frac of the corpus (estimated from its size,
+~4 bytes per token), at least VAL_FLOOR and at most VAL_CAP tokens; for --hf, VAL_CAP (the
+FineWeb convention). A result without train data is refused unless --val_only is given.
 
 Tokenizer: tiktoken's "gpt2" (downloaded once by tiktoken), or, with --vocab PATH, built
 offline from a GPT-2 encoder.json (token -> id) file.
@@ -36,6 +39,9 @@ import numpy as np
 SHARD_MAGIC = 20240520
 SHARD_VERSION = 1
 HEADER_INTS = 256
+VAL_FLOOR = 8_192  # tokens: enough for the tiny preset's validation (4096 + 1)
+VAL_CAP = 100_000_000  # tokens: FineWeb's validation set
+BYTES_PER_TOKEN = 4  # GPT-2 on English text, to size the validation split before tokenizing
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
 
@@ -284,7 +290,12 @@ def parse_args(argv=None):
     p.add_argument("--prefix", default=None, help='file name prefix (default "fineweb" with --hf, else "custom")')
     p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per train shard")
     p.add_argument("--val_tokens", type=int, default=None,
-                   help="tokens in the val shard (the first shard; default --shard_size)")
+                   help="tokens in the val shard (the first shard); default: see --val_frac")
+    p.add_argument("--val_frac", type=float, default=0.05,
+                   help=f"local files: validation fraction of the corpus, at least {VAL_FLOOR:,} and at most "
+                        f"{VAL_CAP:,} tokens (default 0.05)")
+    p.add_argument("--val_only", action="store_true",
+                   help="allow a result with validation data only (else refused: the trainer needs train shards)")
     p.add_argument("--overwrite", action="store_true",
                    help="remove existing <prefix>_*.bin shards in --out_dir first (default: refuse to mix)")
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) - 1),
@@ -296,9 +307,21 @@ def main(argv=None):
     args = parse_args(argv)
     prefix = args.prefix or ("fineweb" if args.hf else "custom")
     out_dir = Path(args.out_dir) if args.out_dir else Path(__file__).resolve().parent / prefix
-    val_tokens = args.val_tokens if args.val_tokens is not None else args.shard_size
+    if not 0 < args.val_frac < 1:
+        fail(f"--val_frac={args.val_frac}: expected a number between 0 and 1")
+    if args.val_tokens is not None:
+        val_tokens, how = args.val_tokens, f"--val_tokens={args.val_tokens:,}"
+    elif args.hf:
+        val_tokens, how = VAL_CAP, f"{VAL_CAP:,} tokens, the FineWeb convention (--val_tokens to change)"
+    else:
+        size = sum(Path(p).stat().st_size for p in args.input if Path(p).is_file())
+        estimate = size // BYTES_PER_TOKEN
+        val_tokens = min(VAL_CAP, max(VAL_FLOOR, round(args.val_frac * estimate)))
+        how = (f"--val_frac={args.val_frac} of ~{estimate:,} tokens ({size:,} bytes), within "
+               f"[{VAL_FLOOR:,}, {VAL_CAP:,}]")
     if args.shard_size <= 0 or val_tokens <= 0:
         fail("--shard_size and --val_tokens must be positive")
+    print(f"validation shard: about {val_tokens:,} tokens ({how}); train shards: {args.shard_size:,} tokens each")
 
     try:
         enc = get_encoding(args.vocab)
@@ -360,14 +383,24 @@ def main(argv=None):
         token_arrays = map(tokenize_document, documents)
 
     shard_index, parts, count, written = 0, [], 0, []
+    held_val = None  # the val shard is written once train data follows it (or --val_only)
     bar = None
 
+    def write(path, tokens, n):
+        write_shard(path, tokens)
+        written.append((path, n))
+
     def flush():
-        nonlocal shard_index, parts, count, bar
+        nonlocal shard_index, parts, count, bar, held_val
         split = "val" if shard_index == 0 else "train"
         path = out_dir / f"{prefix}_{split}_{shard_index:06d}.bin"
-        write_shard(path, np.concatenate(parts))
-        written.append((path, count))
+        if shard_index == 0:
+            held_val = (path, np.concatenate(parts), count)
+        else:
+            if held_val is not None:
+                write(*held_val)
+                held_val = None
+            write(path, np.concatenate(parts), count)
         shard_index, parts, count = shard_index + 1, [], 0
         bar.close()
         bar = None
@@ -397,6 +430,12 @@ def main(argv=None):
     finally:
         if pool is not None:
             pool.terminate()
+    if held_val is not None:
+        if not args.val_only:
+            fail(f"the whole input ({held_val[2]:,} tokens) went into the validation shard and nothing is "
+                 f"left for training (validation size: {how}); use a smaller --val_tokens or --val_frac, "
+                 f"or pass --val_only to write validation data only")
+        write(*held_val)
     if not written:
         fail("no documents found in the input")
     total = sum(c for _, c in written)

@@ -48,7 +48,7 @@ _VAL_RE = re.compile(
     r"step:(?P<step>\d+)/(?P<total>\d+)"
     r" val_loss:(?P<loss>[-+]?(?:\d+(?:\.\d*)?|\.\d+|nan|inf))"
     r" train_time:(?P<ms>\d+)ms"
-    r" step_avg:(?P<avg>\S+)ms"
+    r"(?: step_avg:(?P<avg>\S+)ms)?"  # not at step 0
 )
 
 _PROG = "stats.py"

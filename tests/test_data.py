@@ -443,7 +443,7 @@ def test_split_text():
 
 def run_fineweb(*args):
     return subprocess.run([sys.executable, str(REPO / "data" / "fineweb.py"), *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=1200)
 
 
 def read_docs(enc, paths):
@@ -477,6 +477,38 @@ def test_fineweb_script_txt(tmp_path, enc):
     # the BOS text inside a document is ordinary text, never the BOS id
     n_bos = sum(int((tg.read_shard(p) == BOS).sum()) for p in out.iterdir())
     assert n_bos == len(docs)
+
+
+@needs_vocab
+def test_fineweb_splits_a_small_corpus_into_train_and_val_and_the_trainer_reads_it(tmp_path):
+    """README's own-corpus commands on a small text: by default a validation fraction (with a
+    floor) and the rest for training, said on stdout; the trainer then trains on it. A text
+    too small for any train data is refused in one line unless --val_only."""
+    text = (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    src = tmp_path / "my_corpus.txt"
+    src.write_text(text)
+    r = run_fineweb("--input", src, "--out_dir", tmp_path / "mine", "--prefix", "mine", "--vocab", VOCAB)
+    assert r.returncode == 0, r.stderr
+    assert "validation shard: about 8,192 tokens (--val_frac=0.05 of ~50,000 tokens" in r.stdout
+    val, train = tg.read_shard(tmp_path / "mine" / "mine_val_000000.bin"), tg.read_shard(
+        tmp_path / "mine" / "mine_train_000001.bin")
+    assert 8192 <= len(val) < 9000 and len(train) > 40_000
+    out = subprocess.run([sys.executable, str(REPO / "train_gpt.py"), "--preset=tiny",
+                          f"--train_files={tmp_path}/mine/mine_train_*.bin", f"--val_files={tmp_path}/mine/mine_val_*.bin",
+                          "--num_scheduled_iterations=3", "--num_extension_iterations=0", f"--log_dir={tmp_path}"],
+                         capture_output=True, text=True, timeout=1200, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "step:3/3 val_loss:" in out.stdout
+
+    small = tmp_path / "small.txt"
+    small.write_text(text[:20_000])
+    r = run_fineweb("--input", small, "--out_dir", tmp_path / "s", "--prefix", "s", "--vocab", VOCAB)
+    errors = [l for l in r.stderr.splitlines() if l.startswith("error: ")]  # progress bars aside
+    assert r.returncode == 1 and len(errors) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "nothing is left for training" in errors[0] and r.stderr.strip().endswith(errors[0])
+    assert "--val_only" in errors[0] and not list((tmp_path / "s").glob("*.bin"))
+    r = run_fineweb("--input", small, "--out_dir", tmp_path / "s", "--prefix", "s", "--vocab", VOCAB, "--val_only")
+    assert r.returncode == 0 and [p.name for p in (tmp_path / "s").glob("*.bin")] == ["s_val_000000.bin"]
 
 
 @needs_vocab
@@ -533,7 +565,7 @@ def test_fineweb_script_hf_offline_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     r = subprocess.run([sys.executable, str(REPO / "data" / "fineweb.py"), "--hf",
                         "HuggingFaceFW/fineweb", "--vocab", str(VOCAB), "--out_dir",
-                        str(tmp_path / "hf")], capture_output=True, text=True, timeout=120, env=env)
+                        str(tmp_path / "hf")], capture_output=True, text=True, timeout=1200, env=env)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and r.stderr.startswith("error:")
     assert len(r.stderr.strip().splitlines()) == 1
@@ -565,7 +597,7 @@ def test_cached_offline_fails_in_one_line(tmp_path, hide_hub):
             + f"sys.argv = ['x', '2']; runpy.run_path({str(script)!r}, run_name='__main__')")
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                       timeout=60, env=env)
+                       timeout=600, env=env)
     assert r.returncode == 1
     assert "Traceback" not in r.stderr and r.stderr.startswith("error:")
     assert len(r.stderr.strip().splitlines()) == 1
@@ -582,7 +614,7 @@ def test_cached_all_present_needs_no_network(tmp_path):
         fineweb.write_shard(tmp_path / "fineweb10B" / name, [BOS, 1])
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     r = subprocess.run([sys.executable, str(script), "1"], capture_output=True, text=True,
-                       timeout=60, env=env)
+                       timeout=600, env=env)
     assert r.returncode == 0, r.stderr
     assert "2 of 2 shard(s) already" in r.stdout
 
@@ -614,6 +646,6 @@ def test_sample_corpus_text(enc):
 def test_import_has_no_side_effects(tmp_path):
     r = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(REPO)!r}); "
                         "import train_gpt"], capture_output=True, text=True, cwd=tmp_path,
-                       timeout=120)
+                       timeout=1200)
     assert r.returncode == 0 and r.stdout == "" and r.stderr == ""
     assert list(tmp_path.iterdir()) == []

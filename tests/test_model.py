@@ -1117,17 +1117,51 @@ def test_gradient_flow_and_embed_split():
 # 9. multi-token prediction loss and softcap
 # ------------------------------------------------------------------------------------
 
-def test_mtp_loss_matches_cross_entropy_reference():
+def old_mtp_loss(logits, targets, weights):
+    """The loss as first written (one gather and scatter-backward per offset), in float32."""
+    capped = ref_softcap_f32(logits.float())
+    T = capped.size(0)
+    lse = torch.logsumexp(capped, dim=-1)
+    loss = capped.new_zeros(())
+    for k in range(weights.size(0)):
+        picked = capped[: T - k].gather(1, targets[k:, None]).squeeze(1)
+        loss = loss + weights[k] * (lse[: T - k] - picked).sum()
+    return loss
+
+
+def ref_softcap_f32(z):
+    return 23 * torch.sigmoid((z + 5) / 7.5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mtp_loss_value_and_gradient_match_float64_reference(dtype):
+    """SPEC 2.6: sum_t sum_k w[k] CE(softcap(logits)_t, target_{t+k}) in float32 from the
+    raw logits; value and gradient against autograd of a float64 reference, and against the
+    loss as first written (per-offset gather) in float32."""
     g = torch.Generator().manual_seed(90)
     T, V = 20, 37
-    logits = torch.randn(T, V, generator=g) * 3
+    raw = (torch.randn(T, V, generator=g) * 8).to(dtype)
     targets = torch.randint(0, V, (T,), generator=g)
     for weights in ([1.0], [1.0, 0.5], [1.0, 0.5, 0.25], [0.3, 0.0, 2.0]):
-        ref = sum(w * F.cross_entropy(logits[:T - k].double(), targets[k:], reduction="sum")
-                  for k, w in enumerate(weights))
-        got = tg.mtp_loss(logits, targets, torch.tensor(weights))
-        assert got.item() == pytest.approx(ref.item(), rel=1e-5)
-        assert got.item() == pytest.approx(ref_mtp(logits.double(), targets, weights), rel=1e-5)
+        w = torch.tensor(weights)
+        x64 = raw.double().requires_grad_()
+        capped = ref_softcap(x64)
+        ref = sum(wk * F.cross_entropy(capped[:T - k], targets[k:], reduction="sum") for k, wk in enumerate(weights))
+        ref.backward(torch.tensor(1.7, dtype=F64))
+        assert ref.item() == pytest.approx(ref_mtp(capped.detach(), targets, weights), rel=1e-12)
+        x = raw.clone().requires_grad_()
+        got = tg.mtp_loss(x, targets, w)
+        got.backward(torch.tensor(1.7))
+        assert got.dtype == torch.float32 and got.item() == pytest.approx(ref.item(), rel=1e-5)
+        assert x.grad.dtype == dtype
+        tol = 1e-5 if dtype == torch.float32 else 2 ** -7
+        assert_close(x.grad, x64.grad, atol=tol * x64.grad.abs().max().item(), rtol=tol, msg=f"grad {weights}")
+        y = raw.float().clone().requires_grad_()
+        old = old_mtp_loss(y, targets, w)
+        old.backward(torch.tensor(1.7))
+        assert got.item() == pytest.approx(old.item(), rel=1e-6)
+        if dtype == torch.float32:
+            assert_close(x.grad, y.grad, atol=1e-6, rtol=1e-5, msg="vs the per-offset definition")
 
 
 def test_softcap_formula():

@@ -88,7 +88,7 @@ def write_logs(dirpath, losses, times, **kw):
 
 def run_cli(*args):
     return subprocess.run([sys.executable, str(STATS_PY), *map(str, args)],
-                          capture_output=True, text=True, timeout=60)
+                          capture_output=True, text=True, timeout=600)
 
 
 def field(out, pattern):

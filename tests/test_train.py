@@ -15,8 +15,8 @@ import torch
 import train_gpt as tg
 
 REPO = Path(__file__).resolve().parents[1]
-VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:([0-9.]+) train_time:(\d+)ms step_avg:([0-9.]+)ms$")
-STEP_LINE = re.compile(r"^step:(\d+)/(\d+) loss:([0-9.]+) ")
+VAL_LINE = re.compile(r"^step:(\d+)/(\d+) val_loss:([0-9.]+) train_time:(\d+)ms(?: step_avg:([0-9.]+)ms)?$")
+STEP_LINE = re.compile(r"^step:(\d+)/(\d+) mtp_loss:([0-9.]+) ")
 SHORT = ["--preset=tiny", "--num_scheduled_iterations=6", "--num_extension_iterations=1", "--val_loss_every=0"]
 
 
@@ -40,7 +40,7 @@ def run_train(args, nproc=1):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "train_gpt.py", *args]
-    out = subprocess.run(cmd, cwd=REPO, env=env(1), capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=REPO, env=env(1), capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -135,7 +135,8 @@ def test_same_losses_and_parameters_with_1_2_and_4_processes(tmp_path):
     or a misplaced optimizer state would differ by the size of an update, and even a
     last-bit difference grows about 10x per step early in training."""
     common = SHORT + ["--val_loss_every=4", f"--log_dir={tmp_path}"]
-    outs = {n: run_train(common + [f"--save_model={tmp_path / f'p{n}.pt'}"], nproc=n)
+    outs = {n: run_train(common + [f"--save_model={tmp_path / f'p{n}.pt'}", f"--run_id=p{n}", "--checkpoint_every=5"],
+                         nproc=n)
             for n in (1, 2, 4)}
     vals1, steps1 = parse(outs[1])
     assert [s for s, _ in steps1] == list(range(1, 8)) and [s for s, _ in vals1] == [0, 4, 7]
@@ -168,6 +169,56 @@ def test_same_losses_and_parameters_with_1_2_and_4_processes(tmp_path):
     assert tg.evaluate(model, model, model.args) != final
 
 
+def test_resumed_runs_end_bit_identical_to_uninterrupted_ones(tmp_path):
+    """--checkpoint_every / --resume on 1 and 2 gloo processes: a run resumed from the
+    checkpoint after step 5 (an even step: Adam's gradients are still pending in it) ends
+    with the same parameters, bit for bit, the same losses and the same final validation as
+    the run that went on; the checkpoint holds the step, data position and optimizer state
+    of every rank, and only the last two checkpoints are kept."""
+    for n in (1, 2):
+        common = SHORT + ["--val_loss_every=4", f"--log_dir={tmp_path}"]
+        full = run_train(common + [f"--run_id=full{n}", "--checkpoint_every=5",
+                                   f"--save_model={tmp_path / f'full{n}.pt'}"], nproc=n)
+        assert sorted(p.name for p in tmp_path.glob(f"full{n}.step*.pt")) == [f"full{n}.step000005.pt",
+                                                                              f"full{n}.step000007.pt"]
+        ckpt = torch.load(tmp_path / f"full{n}.step000005.pt")
+        assert ckpt["step"] == 5 and ckpt["world_size"] == n and len(ckpt["ranks"]) == n
+        assert all(r["grads"] for r in ckpt["ranks"])  # step 4 was even: Adam's gradients wait
+        resumed = run_train(common + [f"--run_id=res{n}", f"--resume={tmp_path / f'full{n}.step000005.pt'}",
+                                      f"--save_model={tmp_path / f'res{n}.pt'}"], nproc=n)
+        assert f"resumed from {tmp_path / f'full{n}.step000005.pt'} at step 5" in resumed
+        vals_a, steps_a = parse(full)
+        vals_b, steps_b = parse(resumed)
+        assert [s for s, _ in steps_b] == [6, 7] and steps_b == steps_a[-2:]
+        assert vals_b == vals_a[-1:]
+        a, b = torch.load(tmp_path / f"full{n}.pt")["model"], torch.load(tmp_path / f"res{n}.pt")["model"]
+        for k in a:
+            assert torch.equal(a[k], b[k]), (n, k)
+
+
+def test_resume_refuses_other_flags_or_process_counts(tmp_path, capsys, monkeypatch):
+    out = run_train(SHORT + [f"--log_dir={tmp_path}", "--run_id=c", "--checkpoint_every=100"])
+    assert "checkpoint: " in out
+    ckpt = tmp_path / "c.step000007.pt"
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    for flags, words in ((["--muon_lr=0.03"], ["--muon_lr=0.03 (checkpoint: 0.023)"]),
+                         ([], []),
+                         (["--preset=tiny"], ["--num_scheduled_iterations=60 (checkpoint: 6)"])):
+        argv = (SHORT if flags != ["--preset=tiny"] else []) + flags + [f"--log_dir={tmp_path}/l", f"--resume={ckpt}"]
+        if not words:  # the same flags but 2 processes
+            monkeypatch.setenv("WORLD_SIZE", "2")
+            words = ["made by 1 process(es), this run has 2"]
+        with pytest.raises(SystemExit) as exit_info:
+            tg.main(argv)
+        monkeypatch.delenv("WORLD_SIZE", raising=False)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and all(w in err for w in words), err
+    with pytest.raises(SystemExit):
+        tg.main(SHORT + [f"--log_dir={tmp_path}/l", f"--resume={tmp_path / 'c.txt'}"])
+    assert "not a model saved by train_gpt.py" in capsys.readouterr().err
+
+
 # --- end to end -------------------------------------------------------------------------
 
 def test_run_sh_tiny_demo_learns_and_logs(tmp_path):
@@ -175,7 +226,7 @@ def test_run_sh_tiny_demo_learns_and_logs(tmp_path):
     if shutil.which("bash") is None:
         pytest.skip("bash missing")
     out = subprocess.run(["bash", str(REPO / "run.sh"), f"--log_dir={tmp_path}", "--run_id=demo"], cwd=REPO,
-                         env={**env(2), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=300)
+                         env={**env(2), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     stdout, log = out.stdout, tmp_path / "demo.txt"
     first = stdout.splitlines()[0]
@@ -395,3 +446,34 @@ def test_save_model_round_trip_keeps_split_windows_and_yarn(tmp_path):
     (tmp_path / "junk.pt").write_text("junk")
     with pytest.raises(tg.ConfigError, match="junk.pt"):
         tg.load_model(tmp_path / "junk.pt")
+
+
+def test_main_sets_expandable_segments_unless_the_user_chose(monkeypatch):
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF", raising=False)
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    tg.set_allocator_defaults()
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_ALLOC_CONF", "max_split_size_mb:64")
+    tg.set_allocator_defaults()
+    assert os.environ["PYTORCH_ALLOC_CONF"] == "max_split_size_mb:64"
+    monkeypatch.delenv("PYTORCH_ALLOC_CONF")
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:False")
+    tg.set_allocator_defaults()
+    assert "PYTORCH_ALLOC_CONF" not in os.environ
+
+
+def test_import_does_not_set_the_allocator():
+    out = subprocess.run([sys.executable, "-c", "import os, train_gpt; print(os.environ.get('PYTORCH_ALLOC_CONF'))"],
+                         cwd=REPO, env={k: v for k, v in env(1).items() if "ALLOC_CONF" not in k},
+                         capture_output=True, text=True, timeout=600)
+    assert out.stdout.strip() == "None", out.stderr
+
+
+def test_cpu_threads_do_not_oversubscribe(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = len(os.sched_getaffinity(0))
+    assert tg.cpu_threads_per_process(1) == cores
+    assert tg.cpu_threads_per_process(2) == max(1, cores // 2)
+    assert tg.cpu_threads_per_process(4 * cores) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert tg.cpu_threads_per_process(2) == 3

@@ -1,0 +1,536 @@
+"""Preflight: check on any machine, without a GPU, that the compiled training step is lean.
+
+    python tools/preflight.py                   # the record configuration (8x H100 run, rank 0)
+    python tools/preflight.py --preset tiny     # the same checks at the tiny size (CI runs this)
+    python tools/preflight.py --kernels         # also inductor's fused kernel count (slow: minutes)
+
+A record attempt costs a rented GPU node and ~7 minutes of compiling; an edit that breaks
+the graph, recompiles in the timed run or makes the CPU wait for the GPU shows up here
+first. What it does:
+
+- builds the model and both optimizers on the `meta` device (no memory, no data math) as
+  rank 0 of 8 (a fake process group), with the GPU path's choices: bf16 activations, the
+  FP8 lm_head, bf16 Polar Express, and the attention backend replaced by a stand-in op
+  with the signature of the FlashAttention-3 / varlen kernels;
+- runs the exact warm-up (every step and validation the trainer's warm-up runs), then the
+  timed run's sequence of states: the first steps of every stage, the embed split, the
+  extension and the final validation, through torch.compile(fullgraph=True) with a
+  backend that records the graphs instead of generating code;
+- prints: graphs compiled, graph breaks (fullgraph raises them), recompiles in the timed
+  run, host-device syncs per training step (an `.item()`, a blocking host-to-device copy
+  such as a tensor built from Python values on the device, a data-dependent shape),
+  operations per training micro-batch (forward and backward graphs) and per optimizer
+  step (even / odd; eager kernels plus compiled graphs), the (T, V)-sized buffers the
+  loss backward writes (from inductor's code for the loss head), FLOPs per step and the
+  MFU a step time implies (--step_ms, default the record's 33.2 / 61.0 / 87.6 ms).
+
+Exit status 1 on a graph break, a recompile in the timed run, a sync in a training step
+or an fp32 / second (T, V) buffer in the loss backward; 0 otherwise. Extra flags are
+Hyperparameters overrides (see train_gpt.py --help).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import re
+import sys
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def _import_trainer():
+    """train_gpt.py of this repository, or the file given by --script=PATH (to compare an
+    edit with an earlier version: the same checks on both)."""
+    script = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--script=")), None)
+    if script is None:
+        import train_gpt
+        return train_gpt
+    spec = importlib.util.spec_from_file_location("train_gpt", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+tg = _import_trainer()
+
+_spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+RECORD_STEP_MS = (33.2, 61.0, 87.6)  # the record's ms per step in the three batch stages (its logs)
+aten = torch.ops.aten
+
+# --------------------------------------------------------------------------------------
+# The attention kernels, as ops of their signature (the preflight never runs real math)
+# --------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("preflight::varlen_attention", mutates_args=())
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, window: int, scale: float) -> torch.Tensor:
+    raise NotImplementedError("a stand-in for the GPU attention kernels: shapes only")
+
+
+@varlen_attention.register_fake
+def _(q, k, v, cu_seqlens, max_seqlen, window, scale):
+    return torch.empty_like(q)
+
+
+@torch.library.custom_op("preflight::varlen_attention_backward", mutates_args=())
+def varlen_attention_backward(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                              cu_seqlens: torch.Tensor, max_seqlen: int, window: int,
+                              scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    raise NotImplementedError("a stand-in for the GPU attention kernels: shapes only")
+
+
+@varlen_attention_backward.register_fake
+def _(grad, q, k, v, cu_seqlens, max_seqlen, window, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output):
+    q, k, v, cu_seqlens, max_seqlen, window, scale = inputs
+    ctx.save_for_backward(q, k, v, cu_seqlens)
+    ctx.args = (max_seqlen, window, scale)
+
+
+def _attention_backward(ctx, grad):
+    q, k, v, cu_seqlens = ctx.saved_tensors
+    dq, dk, dv = varlen_attention_backward(grad, q, k, v, cu_seqlens, *ctx.args)
+    return dq, dk, dv, None, None, None, None
+
+
+varlen_attention.register_autograd(_attention_backward, setup_context=_attention_setup)
+
+
+def attention_stand_in(q, k, v, cu_seqlens, max_seqlen, window, scale):
+    return varlen_attention(q, k, v, cu_seqlens, max_seqlen, window, scale)
+
+
+# --------------------------------------------------------------------------------------
+# Instruments
+# --------------------------------------------------------------------------------------
+
+# ops that only make views or read metadata: no kernel on a GPU
+VIEW_OPS = {aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.t.default,
+            aten.transpose.int, aten.permute.default, aten.expand.default, aten.unsqueeze.default,
+            aten.squeeze.dim, aten.squeeze.default, aten.select.int, aten.slice.Tensor, aten.as_strided.default,
+            aten.detach.default, aten.alias.default, aten.unbind.int, aten.split.Tensor, aten.split_with_sizes.default,
+            aten.view_as_real.default, aten.lift_fresh.default, aten.empty.memory_format,
+            aten.empty_strided.default, aten.empty_like.default, aten.new_empty.default, aten.sym_size.int,
+            aten.sym_stride.int, aten.sym_numel.default, aten.is_same_size.default, aten.diagonal.default,
+            aten.narrow.default, aten._reshape_alias.default, aten.mT.default if hasattr(aten, "mT") else None}
+VIEW_OPS.discard(None)
+
+
+def _device_of(x):
+    return x.device.type if isinstance(x, torch.Tensor) else None
+
+
+class DeviceOps(TorchDispatchMode):
+    """Counts, while active, the operations that would be kernels on the device, and the
+    host-device syncs: `.item()` / `_local_scalar_dense`, a data-dependent shape (`nonzero`
+    and friends) on the device, and a blocking host-to-device copy (a copy from a host tensor
+    without non_blocking: e.g. torch.tensor(..., device=cuda) or x.new_tensor(v))."""
+
+    SYNC_OPS = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default,
+                aten.unique_consecutive.default, aten._unique2.default, aten.repeat_interleave.Tensor}
+
+    def __init__(self, recorder: GraphRecorder, device: str = "meta"):
+        super().__init__()
+        self.recorder, self.device = recorder, device
+        self.kernels = 0
+        self.ops = Counter()
+        self.syncs = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if self.recorder.in_graph:  # a compiled graph's op: counted from the graph
+            return out
+        flat = torch.utils._pytree.tree_leaves((args, kwargs))
+        on_device = any(_device_of(x) == self.device for x in flat) or any(
+            _device_of(x) == self.device for x in torch.utils._pytree.tree_leaves(out))
+        if func in self.SYNC_OPS and on_device:
+            self.syncs.append(str(func))
+        if func in (aten._to_copy.default, aten.copy_.default) and on_device:
+            src = args[1] if func is aten.copy_.default else args[0]
+            if _device_of(src) == "cpu" and src.dim() > 0 or _device_of(src) == "cpu" and func is aten.copy_.default:
+                if not kwargs.get("non_blocking", args[2] if func is aten.copy_.default and len(args) > 2 else False):
+                    self.syncs.append(f"{func} (blocking host-to-device copy of {tuple(src.shape)})")
+        if on_device and func not in VIEW_OPS:
+            self.kernels += 1
+            self.ops[str(func.overloadpacket)] += 1
+        return out
+
+
+class GraphRecorder:
+    """A torch.compile backend that records the forward and backward graphs AOTAutograd
+    makes (and runs them op by op on the meta tensors) instead of generating code."""
+
+    def __init__(self):
+        self.phase = "warm-up"
+        self.compiles = Counter()
+        self.graphs = []  # (name, phase, kind, fx graph)
+        self.calls = []  # (name, kind, index into graphs) while recording calls
+        self.items = 0  # .item() reads of meta tensors
+        self.in_graph = 0  # > 0 while a recorded graph runs
+        self.host_values = 0  # tensors built from Python values on the device
+
+    def backend_for(self, name: str):
+        from functorch.compile import make_boxed_func
+        from torch._dynamo.backends.common import aot_autograd
+
+        def record(kind):
+            def compiler(gm, example_inputs):
+                index = len(self.graphs)
+                self.graphs.append((name, self.phase, kind, gm))
+
+                def run(args):
+                    self.calls.append((name, kind, index))
+                    self.in_graph += 1
+                    try:
+                        return gm(*args)
+                    finally:
+                        self.in_graph -= 1
+                run._boxed_call = True
+                return run
+            return compiler
+
+        def backend(gm, example_inputs):
+            self.compiles[(name, self.phase)] += 1
+            return aot_autograd(fw_compiler=record("forward"), bw_compiler=record("backward"))(gm, example_inputs)
+
+        return backend
+
+
+def graph_ops(gm) -> int:
+    """Operations of an FX graph that would be kernels unfused (views excluded)."""
+    return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target not in VIEW_OPS
+               and not str(n.target).startswith("<built-in"))
+
+
+# --------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def preflight_environment(recorder: GraphRecorder, world_size: int):
+    """torch.compile with the recording backend, the host-to-device copies of the CUDA
+    path (pinned memory, non_blocking) and a fake process group of world_size ranks."""
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    real_compile, real_to_device, real_item = torch.compile, tg._to_device, torch.Tensor.item
+    real_tensor, real_new_tensor = torch.tensor, torch.Tensor.new_tensor
+    cpu_batches = []
+
+    def counting(make):  # a tensor built from Python values on the device: a blocking copy on CUDA
+        def build(*args, **kwargs):
+            out = make(*args, **kwargs)
+            if out.is_meta and not recorder.in_graph and not torch.compiler.is_compiling():
+                recorder.host_values += 1
+            return out
+        return build
+
+    def item(self):  # a meta tensor has no value: count the read (a sync on a GPU), return 1
+        if self.is_meta:
+            recorder.items += 1
+            return 1.0
+        return real_item(self)
+
+    def compile_recording(fn=None, **kwargs):
+        from torch.utils._python_dispatch import _disable_current_modes
+
+        name = getattr(fn, "__name__", type(fn).__name__)
+        kwargs["backend"] = recorder.backend_for(name)
+        compiled = real_compile(fn, **kwargs)
+
+        def call(*args, **kw):  # dynamo does not trace under a dispatch mode: pause the counting
+            with _disable_current_modes():
+                return compiled(*args, **kw)
+        return call
+
+    def to_device_like_cuda(tensors, device):
+        cpu_batches.append(tuple(tensors))
+        return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+    torch.compile, tg._to_device, torch.Tensor.item = compile_recording, to_device_like_cuda, item
+    torch.tensor, torch.Tensor.new_tensor = counting(real_tensor), counting(real_new_tensor)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world_size)
+    try:
+        yield cpu_batches
+    finally:
+        torch.compile, tg._to_device, torch.Tensor.item = real_compile, real_to_device, real_item
+        torch.tensor, torch.Tensor.new_tensor = real_tensor, real_new_tensor
+        dist.destroy_process_group()
+
+
+def visited_steps(args) -> list[int]:
+    """The timed run's steps that the preflight runs: the first three of every stage (a new
+    batch size, window and YaRN state each), the split step and the two after it, and the
+    last two steps; in order. Every other step repeats one of these states."""
+    N = tg.total_steps(args)
+    firsts = bench.stage_starts(args)[:3] + ([args.num_scheduled_iterations] if args.num_extension_iterations else [])
+    split = tg.split_step(args)
+    steps = {0, 1, 2} | {s + d for s in firsts for d in range(3)} | {split, split + 1, split + 2, N - 2, N - 1}
+    return sorted(s for s in steps if 0 <= s < N)
+
+
+def loss_head_buffers(T: int, V: int, K: int) -> list[list[str]]:
+    """The (T, V)-sized buffers inductor allocates for the training loss head: the loss of
+    train_gpt.training_loss on bf16 logits (what the FP8 head returns) with K predictions,
+    compiled with inductor for the CPU at a small (T, V). Returns the dtypes of the buffers
+    of the forward code and of the backward code."""
+    from torch._inductor.utils import run_and_get_code
+
+    logits = torch.randn(T, V, dtype=torch.bfloat16, requires_grad=True)
+    targets = torch.randint(0, V, (T,))
+    weights = torch.tensor([1.0, 0.5, 0.25][:K])
+
+    head = getattr(tg, "training_loss", None) or (lambda x, t, w: tg.mtp_loss(tg.softcap(x.float()), t, w))
+    compiled = torch.compile(head, backend="inductor", dynamic=False, fullgraph=True)
+
+    def step():
+        compiled(logits, targets, weights).backward()
+
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(step)
+    found = []
+    for code in codes:  # the forward's code, then the backward's
+        found.append([])
+        for m in re.finditer(r"empty_strided_cpu\(\(([^)]*)\), \([^)]*\), torch\.(\w+)\)", code):
+            dims = [int(d) for d in m[1].replace(" ", "").split(",") if d]
+            if len(dims) == 2 and dims[0] * dims[1] == T * V:
+                found[-1].append(m[2])
+    torch._dynamo.reset()
+    return found
+
+
+def fp8_head_bodies(recorder: GraphRecorder, args) -> tuple[int, int]:
+    """Runs the FP8 lm_head ops' own bodies (forward and backward, which the model's graph
+    sees as opaque ops) on meta tensors of one micro-batch: (host-device syncs, kernels
+    unfused). The bodies are compiled on CUDA, so their kernels fuse there."""
+    T = max(args.train_batch_sizes) // tg.VIRTUAL_RANKS
+    V, d = tg.next_multiple_of_n(args.vocab_size, 128), args.model_dim
+    x = torch.empty(T, d, dtype=torch.bfloat16, device="meta")
+    w = torch.empty(V, d, dtype=torch.bfloat16, device="meta")
+    g = torch.empty(T, V, dtype=torch.bfloat16, device="meta")
+    scales = (tg.FP8_X_SCALE, tg.FP8_W_SCALE, tg.FP8_GRAD_SCALE)
+    before = recorder.host_values
+    with DeviceOps(recorder) as ops:
+        _, x_f8, w_f8 = tg.fp8_mm._init_fn(x, w, *scales)
+        tg.fp8_mm_backward._init_fn(g, x_f8, w_f8, *scales)
+    return len(ops.syncs) + recorder.host_values - before, ops.kernels
+
+
+def fused_kernels_per_micro_batch(args) -> tuple[int, int]:
+    """Inductor's CPU code for one tiny-size micro-batch (forward and backward): generated
+    (fused) kernels and extern calls (matmuls, custom ops). Minutes on 2 cores."""
+    from torch._inductor import metrics
+    from torch._inductor.utils import run_and_get_code
+
+    tiny = tg.parse_args(["--preset=tiny"])
+    torch.manual_seed(0)
+    model = tg.build_model(tiny, "cpu", attn_backend="sdpa", fp8="off")
+    model.act_dtype = torch.bfloat16
+    T = tiny.train_batch_sizes[0] // tg.VIRTUAL_RANKS
+    inputs = torch.randint(0, 50000, (T,), dtype=torch.int32)
+    targets = torch.randint(0, 50000, (T,))
+    cu = torch.tensor([0, T // 3] + [T] * 126, dtype=torch.int32)
+    weights = torch.tensor(tg.mtp_weights(0, tiny))
+
+    def micro_batch():
+        loss = torch.compile(model, backend="inductor", dynamic=False, fullgraph=True)(
+            inputs, targets, cu, tiny.train_max_seq_len, weights)
+        loss.backward()
+
+    torch._dynamo.reset()
+    metrics.reset()
+    _, codes = run_and_get_code(micro_batch)
+    extern = sum(len(re.findall(r"extern_kernels\.\w+\(|torch\.ops\.\w+\.\w+\.default\(", c)) for c in codes)
+    return metrics.generated_kernel_count, extern
+
+
+def fused_kernels_per_optimizer_graph() -> dict:
+    """Inductor's CPU kernels for one call of each compiled optimizer piece (small shapes)."""
+    from torch._inductor import metrics
+
+    counts = {}
+    n, units, r, c = 2, 4, 16, 16
+    p = torch.zeros(n, units * r, c, dtype=torch.bfloat16)
+    normuon = (torch.zeros(n, units, r, c, dtype=torch.bfloat16), torch.zeros(n, units, r, 1), p,
+               torch.zeros(n, units * r, c, dtype=torch.uint16), torch.ones(n, 1, 1, dtype=torch.float64),
+               torch.ones(n, 1, 1, dtype=torch.float64), torch.tensor(0.02, dtype=torch.float64),
+               torch.tensor(0.02), 0.95)
+    q = torch.zeros(64, 16, dtype=torch.bfloat16)
+    adam = (q, q.clone(), torch.zeros(64, 16), torch.zeros(64, 16), 0.9, 0.99, 1e-10, torch.tensor(0.01),
+            torch.tensor(0.001))
+    for name, fn, inputs in (("normuon_apply_", tg.normuon_apply_, normuon), ("adam_update", tg.adam_update, adam)):
+        torch._dynamo.reset()
+        metrics.reset()
+        torch.compile(fn, backend="inductor", dynamic=False, fullgraph=True)(*inputs)
+        counts[name] = metrics.generated_kernel_count
+    torch._dynamo.reset()
+    return counts
+
+
+def run(args, step_ms, kernels: bool) -> int:
+    world_size = tg.VIRTUAL_RANKS
+    recorder = GraphRecorder()
+    problems = []
+    with tempfile.TemporaryDirectory() as tmp:
+        steps = visited_steps(args)
+        need = sum(tg.batch_size_at(s, args) // world_size + 1 for s in steps) * world_size
+        val = args.val_batch_size + 1
+        bench.write_synthetic_shards(Path(tmp), 2 * need + 1_000_000, 2 * val)
+        args = tg.dataclasses.replace(args, train_files=f"{tmp}/synth_train_*.bin", val_files=f"{tmp}/synth_val_*.bin",
+                                      compile="on", warmup=True)
+        with preflight_environment(recorder, world_size) as cpu_batches:
+            torch._dynamo.reset()
+            torch._dynamo.config.cache_size_limit = 64
+            trainer = tg.Trainer(args, 0, world_size, torch.device("meta"), lambda *a, **k: None)
+            trainer.model.attn_fn = attention_stand_in
+            trainer.model.use_fp8 = True
+            trainer.opt.muon.ortho_dtype = torch.bfloat16
+            try:
+                trainer.warmup()
+                recorder.phase = "timed run"
+                trainer.restart_data()
+                trainer.model.set_windows(*tg.windows_at(0, args))
+                per_step = []
+                for step in steps:
+                    if step == 0 or step == steps[len(steps) // 2]:
+                        trainer.validate(max_steps=1)
+                    recorder.calls.clear()
+                    cpu_batches.clear()
+                    items, host_values = recorder.items, recorder.host_values
+                    micro, opt_ops = {}, None
+                    with DeviceOps(recorder) as ops:
+                        real_step = trainer.opt.step
+
+                        def counted_step(*a, **k):
+                            nonlocal opt_ops
+                            calls_before = len(recorder.calls)
+                            with DeviceOps(recorder) as inner:
+                                real_step(*a, **k)
+                            opt_ops = (inner.kernels, [recorder.calls[i] for i in range(calls_before,
+                                                                                       len(recorder.calls))])
+                        trainer.opt.step = counted_step
+                        trainer.train_step(step)
+                        trainer.opt.step = real_step
+                    ops.syncs += ["Tensor.item()"] * (recorder.items - items)
+                    ops.syncs += ["a tensor built from Python values on the device"] * (
+                        recorder.host_values - host_values)
+                    model_calls = [c for c in recorder.calls if c[0] == "GPT"]
+                    micro = sum(graph_ops(recorder.graphs[i][3]) for _, _, i in model_calls) / trainer.grad_accum
+                    opt_graph_ops = sum(graph_ops(recorder.graphs[i][3]) for _, _, i in opt_ops[1])
+                    opt_graph_names = Counter(name for name, _, _ in opt_ops[1])
+                    flops = world_size * sum(bench.step_flops(trainer.model, args, [(inp.numel(), cu)], step)
+                                             for inp, _, cu in (b for b in cpu_batches if len(b) == 3))
+                    per_step.append(dict(step=step, stage=tg.stage(step, args), syncs=ops.syncs, micro=micro,
+                                         opt_eager=opt_ops[0], opt_graphs=len(opt_ops[1]), opt_graph_ops=opt_graph_ops,
+                                         opt_graph_names=opt_graph_names,
+                                         flops=flops))
+                trainer.model.set_windows(*tg.final_windows(args), yarn=False)
+                trainer.validate(max_steps=1)
+                fp8_syncs, fp8_kernels = fp8_head_bodies(recorder, args)
+            except Exception as e:  # torch._dynamo.exc.Unsupported and friends: a graph break under fullgraph
+                print(f"preflight: FAILED while tracing: {type(e).__name__}: {str(e).splitlines()[0]}")
+                return 1
+    warm = sum(v for (n, p), v in recorder.compiles.items() if p == "warm-up")
+    timed = sum(v for (n, p), v in recorder.compiles.items() if p == "timed run")
+    print(f"configuration: preset {args.preset}, rank 0 of {world_size}, {tg.total_steps(args)} steps; "
+          f"{len(steps)} timed-run steps traced: {steps}")
+    per_fn = ", ".join(f"{n}: {v}" for (n, p), v in sorted(recorder.compiles.items()) if p == "warm-up")
+    print(f"graphs compiled in the warm-up: {warm} ({per_fn})")
+    print("graph breaks: 0 (fullgraph=True traced every graph)")
+    print(f"recompiles in the timed run: {timed}")
+    if timed:
+        problems.append(f"{timed} recompile(s) in the timed run")
+    syncs = [(s["step"], x) for s in per_step for x in s["syncs"]]
+    print(f"host-device syncs per training step: {max(len(s['syncs']) for s in per_step)}"
+          + (f" (e.g. step {syncs[0][0]}: {syncs[0][1]})" if syncs else ""))
+    if syncs:
+        problems.append(f"{len(syncs)} host-device sync(s) in training steps")
+    print(f"FP8 lm_head op bodies (forward + backward): {fp8_syncs} host-device syncs, {fp8_kernels} ops "
+          f"(compiled on CUDA: casts and transposes fuse)")
+    if fp8_syncs:
+        problems.append(f"{fp8_syncs} host-device sync(s) in the FP8 head's ops")
+    even = [s for s in per_step if s["step"] % 2 == 0]
+    odd = [s for s in per_step if s["step"] % 2 == 1]
+    micro = {}
+    for s in per_step:
+        micro.setdefault(s["stage"], int(s["micro"]))
+    print("ops per training micro-batch (forward + backward graphs, unfused): "
+          + ", ".join(f"stage {k + 1}: {v}" for k, v in sorted(micro.items())))
+    for name, group in (("even", even), ("odd", odd)):
+        s = max(group, key=lambda s: s["opt_eager"] + s["opt_graphs"])
+        print(f"optimizer step ({name}, rank 0 of {world_size}): {s['opt_eager']} eager kernels + "
+              f"{s['opt_graphs']} compiled graphs ({s['opt_graph_ops']} ops fused into them)")
+    T = max(args.train_batch_sizes) // world_size
+    V = tg.next_multiple_of_n(args.vocab_size, 128)
+    small_T, small_V = 96, 640  # inductor's CPU code at a small size; its buffers scale with (T, V)
+    for K in (3, 2, 1):
+        fwd, bwd = loss_head_buffers(small_T, small_V, K)
+        print(f"(T, V) buffers of the loss head with {K} prediction(s): backward {len(bwd)} "
+              f"({', '.join(bwd) or 'none'}), forward {len(fwd)} ({', '.join(fwd) or 'none'}); "
+              f"each {T:,} x {V:,} at this size")
+        if len(bwd) > 1 or "float32" in bwd:
+            problems.append(f"the loss backward with {K} predictions writes {len(bwd)} (T, V) buffers ({bwd})")
+    print(f"{'stage':>6} {'FLOPs/step':>12} {'step ms':>8} {'MFU':>6}   (8 GPUs x 989 TFLOP/s bf16)")
+    for k in range(3):
+        s = next((s for s in per_step if s["stage"] == k), None)
+        if s is None:
+            continue
+        ms = step_ms[k]
+        mfu = s["flops"] / (ms / 1000) / (world_size * bench.H100_BF16_FLOPS)
+        print(f"{k + 1:>6} {s['flops']:>12.3e} {ms:>8.1f} {100 * mfu:>5.1f}%")
+    if kernels:
+        fused, extern = fused_kernels_per_micro_batch(args)
+        print(f"kernels per training micro-batch (inductor, CPU code, tiny size): {fused} fused + {extern} extern")
+        if hasattr(tg, "normuon_apply_"):
+            per_graph = fused_kernels_per_optimizer_graph()
+            for name, group in (("even", even), ("odd", odd)):
+                s = max(group, key=lambda s: s["opt_eager"] + s["opt_graphs"])
+                fused_opt = sum(per_graph.get(n, 0) * k for n, k in s["opt_graph_names"].items())
+                print(f"kernels per optimizer step ({name}, rank 0 of {world_size}): {s['opt_eager'] + fused_opt} "
+                      f"({s['opt_eager']} eager + {fused_opt} in compiled graphs: "
+                      f"{', '.join(f'{n} {per_graph.get(n, 0)} each' for n in sorted(s['opt_graph_names']))})")
+    if problems:
+        print("preflight: FAILED: " + "; ".join(problems))
+        return 1
+    print("preflight: OK")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--step_ms", default=",".join(map(str, RECORD_STEP_MS)),
+                    help="ms per step of the three stages, for the MFU (default: the record's)")
+    ap.add_argument("--kernels", action="store_true", help="also count inductor's fused kernels (slow)")
+    ap.add_argument("--script", default=None, help="check this train_gpt.py instead of the repository's")
+    known, rest = ap.parse_known_args(argv)
+    try:
+        args = tg.parse_args(rest)
+        step_ms = tuple(float(v) for v in known.step_ms.split(","))
+        if len(step_ms) != 3 or min(step_ms) <= 0:
+            raise tg.ConfigError(f"--step_ms={known.step_ms}: expected 3 positive numbers")
+    except (tg.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run(args, step_ms, known.kernels)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -400,9 +400,10 @@ def test_run_sh_rejects_a_bad_nproc_per_node(value):
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGTERM"])
 def test_interrupt_ends_with_one_line_in_the_log(tmp_path, sig):
     """Ctrl-C or SIGTERM during training: exit code 130, `interrupted at step N` on stderr
-    and as the log's last line, no traceback."""
+    and as the log's last line, no traceback, and a checkpoint when checkpointing is on."""
     import signal
-    proc = subprocess.Popen([sys.executable, "train_gpt.py", "--preset=tiny", f"--log_dir={tmp_path}", "--run_id=int"],
+    proc = subprocess.Popen([sys.executable, "train_gpt.py", "--preset=tiny", f"--log_dir={tmp_path}", "--run_id=int",
+                             "--checkpoint_every=1000"],
                             cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         for line in proc.stdout:  # wait for the first training step, however long it takes
@@ -417,6 +418,10 @@ def test_interrupt_ends_with_one_line_in_the_log(tmp_path, sig):
     last = [l for l in err.splitlines() if l.strip()][-1]
     assert re.fullmatch(r"interrupted at step \d+", last), err
     assert (tmp_path / "int.txt").read_text().splitlines()[-1] == last
+    # the step in progress finished, and with checkpointing on the run left a checkpoint there
+    step = int(last.split()[-1])
+    ckpt = torch.load(tmp_path / f"int.step{step:06d}.pt")
+    assert ckpt["step"] == step >= 1
 
 
 def test_save_model_round_trip_keeps_split_windows_and_yarn(tmp_path):
@@ -477,3 +482,12 @@ def test_cpu_threads_do_not_oversubscribe(monkeypatch):
     assert tg.cpu_threads_per_process(4 * cores) == 1
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert tg.cpu_threads_per_process(2) == 3
+
+
+def test_a_full_disk_is_one_line_naming_the_log(tmp_path):
+    log = tg.Logger(tmp_path / "x.txt")
+    log.path = Path("/dev/full")  # every write fails with ENOSPC
+    if not log.path.exists():
+        pytest.skip("no /dev/full here")
+    with pytest.raises(tg.ConfigError, match="cannot write the log /dev/full: No space left on device"):
+        log("step:1/2 train_time:1ms")

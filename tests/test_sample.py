@@ -1,0 +1,85 @@
+"""tools/sample.py on a tiny trained model: deterministic for a seed, tokens that decode, one
+clear line for a bad checkpoint path."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_gpt as tg
+
+REPO = Path(__file__).resolve().parents[1]
+VOCAB = REPO.parent / "shared" / "data" / "gpt2_encoder.json"
+needs_vocab = pytest.mark.skipif(not VOCAB.exists(), reason="../shared/data/gpt2_encoder.json not found")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    """A tiny model trained for 3 steps, saved with save_model, and a checkpoint of it."""
+    folder = tmp_path_factory.mktemp("sample")
+    torch.set_num_threads(2)
+    args = tg.parse_args(["--preset=tiny", "--num_scheduled_iterations=6", "--num_extension_iterations=0",
+                          f"--log_dir={folder}"])
+    trainer = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
+    trainer.restart_data()
+    for step in range(3):
+        trainer.train_step(step)
+    trainer.model.set_windows(*tg.final_windows(args), yarn=False)
+    tg.save_model(trainer.model, folder / "model.pt")
+    checkpoint = trainer.checkpoint(3, 0.0, "run")
+    return folder / "model.pt", checkpoint
+
+
+def sample(*args):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, str(REPO / "tools" / "sample.py"), *map(str, args)], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+
+
+@needs_vocab
+def test_sampling_is_deterministic_for_a_seed_and_decodes(tiny_checkpoint):
+    model_file, checkpoint = tiny_checkpoint
+    common = ["--prompt", "ROMEO:", "--max_tokens", 12, "--vocab", VOCAB]
+    a = sample(model_file, *common, "--seed", 1)
+    b = sample(model_file, *common, "--seed", 1)
+    c = sample(model_file, *common, "--seed", 2)
+    assert a.returncode == 0, a.stderr
+    assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:") and len(a.stdout.strip()) > len("ROMEO:")
+    assert c.stdout != a.stdout
+    # the checkpoint holds the same model: the same text
+    assert sample(checkpoint, *common, "--seed", 1).stdout == a.stdout
+    # greedy decoding: the most likely token each time, the same for every seed
+    g1, g2 = sample(model_file, *common, "--temperature", 0, "--seed", 1), sample(model_file, *common,
+                                                                                  "--temperature", 0, "--seed", 5)
+    assert g1.returncode == 0 and g1.stdout == g2.stdout
+
+
+def test_generate_follows_the_models_logits(tiny_checkpoint):
+    """Greedy generation picks argmax of next_token_logits, which equals the softcapped
+    logits of the last position of an eval forward (checked against the loss it gives)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sample_tool", REPO / "tools" / "sample.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    model = tg.load_model(tiny_checkpoint[0], attn_backend="sdpa")
+    prompt = [464, 2068, 7586]
+    ids = tool.generate(model, prompt, 4, temperature=0.0, top_k=0, seed=0)
+    tokens = torch.tensor([tg.BOS_ID] + prompt)
+    for nxt in ids:
+        logits = model.next_token_logits(tokens)
+        assert nxt == int(logits.argmax())
+        # the eval loss of predicting nxt from this prefix is -log softmax(logits)[nxt]
+        T = tokens.numel()
+        inp = torch.cat([tokens, torch.tensor([nxt])])
+        loss_sum = model(inp[:-1].to(torch.int32), inp[1:], torch.tensor([0, T], dtype=torch.int32), T) * T
+        prev = model(tokens[:-1].to(torch.int32), tokens[1:], torch.tensor([0, T - 1], dtype=torch.int32), T - 1) * (T - 1)
+        assert (loss_sum - prev).item() == pytest.approx(-torch.log_softmax(logits, -1)[nxt].item(), rel=1e-4, abs=1e-4)
+        tokens = inp
+
+
+def test_bad_checkpoint_path_is_one_line(tmp_path):
+    r = sample(tmp_path / "missing.pt", "--prompt", "x")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == f"error: {tmp_path / 'missing.pt'}: no such model file"

@@ -491,3 +491,39 @@ def test_a_full_disk_is_one_line_naming_the_log(tmp_path):
         pytest.skip("no /dev/full here")
     with pytest.raises(tg.ConfigError, match="cannot write the log /dev/full: No space left on device"):
         log("step:1/2 train_time:1ms")
+
+
+def test_a_failed_log_write_leaves_no_torn_line(tmp_path, monkeypatch):
+    log = tg.Logger(tmp_path / "x.txt")
+    log("first line")
+    real_write = os.write
+
+    def short_write(fd, data):  # the disk fills up in the middle of the line
+        real_write(fd, data[:5])
+        return 5
+    monkeypatch.setattr(tg.os, "write", short_write)
+    with pytest.raises(tg.ConfigError, match=f"cannot write the log {tmp_path / 'x.txt'}"):
+        log("second line, cut")
+    assert (tmp_path / "x.txt").read_text() == "first line\n"
+
+
+def test_resume_after_the_warm_up_continues_from_the_checkpoint(tmp_path):
+    """What main() does on a compiled run with --resume: the warm-up (which ends in the
+    initial state), then the checkpoint restored; the next steps equal those of the run
+    that wrote the checkpoint (eager here: the warm-up's steps run without compiling)."""
+    torch.set_num_threads(2)
+    args = small_args(log_dir=tmp_path)
+    a = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
+    a.restart_data()
+    for step in range(3):
+        a.train_step(step)
+    path = a.checkpoint(3, 0.0, "w")
+    b = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
+    b.warmup()
+    first, _, position = b.load_checkpoint(torch.load(path))
+    assert first == 3 and b.model.windows == a.model.windows
+    b.restart_data(first, position)
+    for step in (3, 4):
+        assert torch.equal(a.train_step(step), b.train_step(step)), step
+    for k, v in a.model.state_dict().items():
+        assert torch.equal(v, b.model.state_dict()[k]), k

@@ -165,9 +165,9 @@ class DeviceOps(TorchDispatchMode):
             self.syncs.append(str(func))
         if func in (aten._to_copy.default, aten.copy_.default) and on_device:
             src = args[1] if func is aten.copy_.default else args[0]
-            if _device_of(src) == "cpu" and src.dim() > 0 or _device_of(src) == "cpu" and func is aten.copy_.default:
-                if not kwargs.get("non_blocking", args[2] if func is aten.copy_.default and len(args) > 2 else False):
-                    self.syncs.append(f"{func} (blocking host-to-device copy of {tuple(src.shape)})")
+            non_blocking = kwargs.get("non_blocking", args[2] if func is aten.copy_.default and len(args) > 2 else False)
+            if _device_of(src) == "cpu" and not non_blocking:
+                self.syncs.append(f"{func} (blocking host-to-device copy of {tuple(src.shape)})")
         if on_device and func not in VIEW_OPS:
             self.kernels += 1
             self.ops[str(func.overloadpacket)] += 1

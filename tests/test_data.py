@@ -274,7 +274,7 @@ def test_train_step_never_straddles_a_shard_boundary(tmp_path):
     first = [[BOS] + [1000 + 10 * i + t for t in range(8)] for i in range(8 * 2 + 5)]
     second = [[BOS] + [5000 + 10 * i + t for t in range(8)] for i in range(8 * 3)]
     pattern = write_doc_shards(tmp_path, [([], first), ([], second)])
-    ref = collect(pattern, [64] * 5, 0, 1, 64)
+    ref = collect(pattern, [8 * T] * 5, 0, 1, 64)
     assert len(ref) == 5  # 2 steps from shard 1, 3 from shard 2, then out of data
     bufs = [[mb[0].tolist() + [int(mb[1][-1])] for mb in step] for step in ref]
     assert bufs[0] == first[0:8] and bufs[1] == first[8:16]
@@ -284,7 +284,7 @@ def test_train_step_never_straddles_a_shard_boundary(tmp_path):
     for doc in first[16:]:
         assert not set(doc[1:]) & seen, "a discarded document was used"
     for ws in (2, 4, 8):
-        per_rank = [collect(pattern, [64] * 5, r, ws, 64) for r in range(ws)]
+        per_rank = [collect(pattern, [8 * T] * 5, r, ws, 64) for r in range(ws)]
         for s in range(5):
             union = [mb for r in range(ws) for mb in per_rank[r][s]]
             assert len(union) == 8

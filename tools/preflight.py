@@ -188,7 +188,6 @@ class GraphRecorder:
         self.host_values = 0  # tensors built from Python values on the device
 
     def backend_for(self, name: str):
-        from functorch.compile import make_boxed_func
         from torch._dynamo.backends.common import aot_autograd
 
         def record(kind):

@@ -519,7 +519,7 @@ def _fp8_body(fn, device: torch.device):
     if device.type != "cuda":
         return fn
     if fn not in _COMPILED_FP8:
-        _COMPILED_FP8[fn] = torch.compile(fn, dynamic=False, fullgraph=True)
+        _COMPILED_FP8[fn] = maybe_compile(fn, True)
     return _COMPILED_FP8[fn]
 
 
@@ -1131,6 +1131,11 @@ class Optimizers:
         self.adam = DistAdam(*adam, eps=args.adam_eps, weight_decay=args.adam_weight_decay,
                              rank=rank, world_size=world_size, grads=self.grads, compile=compile)
 
+    @property
+    def params(self) -> list[Tensor]:
+        """Every optimized parameter: NorMuon's, then Adam's (the index order of pending_grads)."""
+        return self.muon.params + [s.param for s in self.adam.slots]
+
     def arm_adam_sync(self, flag: bool) -> None:
         """Let the Adam gradient hooks start their collectives during the next backward."""
         self.adam.armed = bool(flag) and self.world_size > 1
@@ -1158,12 +1163,12 @@ class Optimizers:
     def pending_grads(self) -> dict:
         """Gradient sums waiting for the next step (after an even step: Adam's), by parameter
         index (NorMuon's, then Adam's), as copies; for a checkpoint."""
-        params = self.muon.params + [s.param for s in self.adam.slots]
-        return {i: self.grads.get(p).detach().clone() for i, p in enumerate(params) if self.grads.get(p) is not None}
+        return {i: self.grads.get(p).detach().clone() for i, p in enumerate(self.params)
+                if self.grads.get(p) is not None}
 
     def set_pending_grads(self, grads: dict) -> None:
         """Puts pending_grads() back (after load_state_dict, which drops all gradients)."""
-        params = self.muon.params + [s.param for s in self.adam.slots]
+        params = self.params
         for i, g in grads.items():
             p = params[i]
             if p in self.grads.buffers:
@@ -1182,7 +1187,7 @@ class Optimizers:
         self.muon.load_state_dict(state["muon"])
         self.adam.load_state_dict(state["adam"])
         self.adam.armed = False
-        for p in self.muon.params + [s.param for s in self.adam.slots]:
+        for p in self.params:
             self.grads.clear(p)
 
 
@@ -1836,10 +1841,9 @@ def train_data_generator(pattern, batch_size: int, rank: int, world_size: int,
     T // 300, 128)). For every step the 8 virtual ranks take, in order, disjoint runs
     of consecutive documents of one shard; every sequence starts with BOS and has at most
     max_seq_len tokens. A step that the current shard cannot fill is discarded and drawn
-    again from the next shard (SPEC 1, shard boundary). Running out of shards, or a token
-    id >= vocab_size (when given), raises DataError. `gen.send(new_batch_size)` changes the global batch size, and
-    the step it returns already has the new size. Running out of shards raises
-    RuntimeError.
+    again from the next shard (SPEC 1, shard boundary). `gen.send(new_batch_size)` changes
+    the global batch size, and the step it returns already has the new size. Running out of
+    shards, or a token id >= vocab_size (when given), raises DataError.
     """
     grad_accum = _grad_accum_steps(world_size)
     _check_rank(rank, world_size)
@@ -2014,6 +2018,10 @@ def warmup_steps(args: Hyperparameters) -> list[int]:
 # =====================================================================================
 
 
+def _log_exists(path: Path) -> ConfigError:
+    return ConfigError(f"the log {path} exists already (an earlier run): choose another --run_id or move it away")
+
+
 class Logger:
     """Prints on rank 0 and appends to logs/<run_id>.txt (rank 0 only). The file is created
     here and must not exist yet: an earlier run's log is never overwritten."""
@@ -2026,8 +2034,7 @@ class Logger:
                 with open(path, "x"):
                     pass
             except FileExistsError:
-                raise ConfigError(f"the log {path} exists already (an earlier run): choose another --run_id "
-                                  f"or move it away") from None
+                raise _log_exists(path) from None
             except OSError as e:
                 raise ConfigError(f"cannot create the log {path}: {e.strerror}") from None
 
@@ -2141,8 +2148,7 @@ def check_inputs(args: Hyperparameters, world_size: int, rank: int, device: torc
         if args.run_id and (os.sep in args.run_id or args.run_id in (".", "..")):
             raise ConfigError(f"--run_id={args.run_id}: must be a plain file name")
         if args.run_id and (Path(args.log_dir) / f"{args.run_id}.txt").exists():
-            raise ConfigError(f"the log {Path(args.log_dir) / f'{args.run_id}.txt'} exists already (an earlier "
-                              f"run): choose another --run_id or move it away")
+            raise _log_exists(Path(args.log_dir) / f"{args.run_id}.txt")
         if args.save_model:
             target = Path(args.save_model)
             if target.is_dir():

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import dataclasses
 import glob
+import heapq
 import math
 import os
 import sys
@@ -89,6 +90,8 @@ class Hyperparameters:
     attn_backend: str = os.environ.get("TRAIN_GPT_ATTN", "auto")  # auto | fa3 | varlen | flex | sdpa
     fp8: str = "auto"  # auto | on | off
     compile: str = "auto"  # auto (on for CUDA) | on | off
+    fused_loss: str = "auto"  # auto (timed at start-up on CUDA) | on | off: the fused FP8 loss head
+    fused_mlp: str = "auto"  # auto (timed at start-up on CUDA) | on | off: the MLP's matmuls with relu^2 fused
     # dtype of the per-rank gradient sums over micro-batches: auto | param | float32 | float64
     # (auto: float64 on CPU, bitwise the same for 1-8 processes; on GPU float32 with gradient
     # accumulation, else the parameters' own dtype as in the record)
@@ -189,6 +192,10 @@ FLAGS = {
                      _choices("auto", *ATTENTION_BACKENDS)),
     "fp8": ("FP8 lm_head; auto: on when the GPU supports it", _choices("auto", "on", "off")),
     "compile": ("torch.compile(fullgraph=True); auto: on for CUDA", _choices("auto", "on", "off")),
+    "fused_loss": ("the FP8 loss head as one fused kernel; auto: on CUDA, timed against the unfused head "
+                   "at start-up (the faster is used)", _choices("auto", "on", "off")),
+    "fused_mlp": ("the MLP's first matmul with relu^2 in its epilogue (and its derivative in the backward's); "
+                  "auto: on CUDA, timed against the unfused MLP at start-up", _choices("auto", "on", "off")),
     "grad_sum_dtype": ("dtype of the gradient sums over micro-batches (see README)",
                        _choices(*GRAD_SUM_DTYPES)),
     "warmup": ("when compiling: compile every shape first, then reset the state", _BOOL),
@@ -362,7 +369,36 @@ def sym_ba_plus_caa(A: Tensor, b: float, c: float, out: Tensor | None = None,
 # document and i - window <= j <= i. The backend is chosen once at start-up
 # (select_attention_backend) and stored on the model, so the hot path has no branches.
 
-FA3_HUB_REPO = os.environ.get("TRAIN_GPT_FA3_REPO", "varunneal/flash-attention-3")
+# FlashAttention-3 from the Hugging Face kernel hub (`pip install 'kernels>=0.14,<1'`). The
+# record loaded varunneal/flash-attention-3, which kernels 0.14+ refuses without
+# trust_remote_code; the hub's maintained build has the same flash_attn_varlen_func.
+# TRAIN_GPT_FA3_REPO picks another repository (outside kernels-community/ it is loaded with
+# trust_remote_code=True, and the log says so).
+FA3_DEFAULT_REPO, FA3_DEFAULT_VERSION = "kernels-community/flash-attn3", 1
+
+
+def load_fa3() -> tuple[object, str]:
+    """(flash_attn_interface, which build loaded) or (None, the one-line reason none did)."""
+    repo = os.environ.get("TRAIN_GPT_FA3_REPO", FA3_DEFAULT_REPO)
+    if repo == FA3_DEFAULT_REPO:
+        kwargs = dict(version=FA3_DEFAULT_VERSION)
+    else:
+        kwargs = {} if repo.startswith("kernels-community/") else dict(trust_remote_code=True)
+    what = repo + "".join(f", {k}={v}" for k, v in kwargs.items())
+    try:
+        from kernels import get_kernel
+    except ImportError:
+        return None, "the kernels package is not installed (pip install 'kernels>=0.14,<1')"
+    try:
+        return get_kernel(repo, **kwargs).flash_attn_interface, what
+    except Exception as e:  # no network, no build for this torch/GPU, a refused repository
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        return None, f"cannot load {what} from the kernel hub ({type(e).__name__}: {reason})"
+
+
+def _gpu_major(device: torch.device) -> int:
+    """The CUDA compute capability's major version, 0 off CUDA."""
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
 def document_ids(cu_seqlens: Tensor, T: int) -> Tensor:
@@ -423,35 +459,32 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, window, scale):
 
 
 def _try_backend(name: str, device: torch.device):
-    """Returns (function, None) if `name` can run on `device`, else (None, reason)."""
-    cuda = device.type == "cuda"
+    """(function, None, what loaded) if `name` can run on `device`, else (None, reason, "")."""
     if name == "sdpa":
-        return attention_sdpa, None
+        return attention_sdpa, None, ""
     if name == "flex":
-        if not cuda:
-            return None, "FlexAttention has no backward on CPU"
-        return attention_flex, None
+        if device.type != "cuda":
+            return None, "FlexAttention has no backward on CPU", ""
+        return attention_flex, None, ""
     if name == "varlen":
-        if not cuda or torch.cuda.get_device_capability(device)[0] < 8:
-            return None, "varlen_attn needs an sm80+ CUDA GPU"
+        if _gpu_major(device) < 8:
+            return None, "varlen_attn needs an sm80+ CUDA GPU", ""
         try:
             import inspect
             from torch.nn.attention.varlen import varlen_attn
             params = inspect.signature(varlen_attn).parameters
             if "scale" not in params or "window_size" not in params:
-                return None, "this torch's varlen_attn lacks scale/window_size"
+                return None, "this torch's varlen_attn lacks scale/window_size", ""
         except ImportError:
-            return None, "torch.nn.attention.varlen is not in this torch"
-        return attention_varlen, None
+            return None, "torch.nn.attention.varlen is not in this torch", ""
+        return attention_varlen, None, ""
     if name == "fa3":
-        if not cuda or torch.cuda.get_device_capability(device)[0] != 9:
-            return None, "FlashAttention-3 needs a Hopper (sm90) GPU"
-        try:
-            from kernels import get_kernel
-            fa3 = get_kernel(FA3_HUB_REPO).flash_attn_interface
-        except Exception as e:  # no `kernels` package, no network, no matching build
-            return None, f"cannot load {FA3_HUB_REPO} from the kernel hub ({type(e).__name__}: {e})"
-        return _make_fa3_attention(fa3), None
+        if _gpu_major(device) != 9:
+            return None, "FlashAttention-3 needs a Hopper (sm90) GPU", ""
+        fa3, what = load_fa3()
+        if fa3 is None:
+            return None, what, ""
+        return _make_fa3_attention(fa3), None, f" ({what})"
     raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(ATTENTION_BACKENDS)}")
 
 
@@ -461,16 +494,16 @@ def select_attention_backend(requested: str, device) -> tuple[str, object, str]:
     cannot run is an error."""
     device = torch.device(device)
     if requested != "auto":
-        fn, why = _try_backend(requested, device)
+        fn, why, what = _try_backend(requested, device)
         if fn is None:
             raise ConfigError(f"--attn_backend={requested} cannot run here: {why}")
-        return requested, fn, f"attention backend: {requested} (forced)"
+        return requested, fn, f"attention backend: {requested}{what} (forced)"
     skipped = []
     for name in ATTENTION_BACKENDS:
-        fn, why = _try_backend(name, device)
+        fn, why, what = _try_backend(name, device)
         if fn is not None:
-            note = f" (fallback; skipped {'; '.join(skipped)})" if skipped and device.type == "cuda" else ""
-            return name, fn, f"attention backend: {name}{note}"
+            note = f" (fallback; skipped {'; '.join(skipped)})" if skipped and _gpu_major(device) else ""
+            return name, fn, f"attention backend: {name}{what}{note}"
         skipped.append(f"{name}: {why}")
     raise AssertionError("sdpa is always available")
 
@@ -575,6 +608,387 @@ def fp8_supported(device) -> tuple[bool, str]:
     return True, "FP8 lm_head: on"
 
 
+# --- 2d. Fused loss head: one pass over the logits, its gradient written in FP8 --------
+# The training head as one op from the final hidden states x (T, d) to the summed
+# multi-token loss. Forward: the FP8 lm_head matmul (bf16 logits, as 2c), then ONE Triton
+# kernel that, per block of rows, reads the logits twice: first for the softcapped
+# log-sum-exp, then for the loss's picked terms and the gradient with respect to the raw
+# logits, which it writes straight to e5m2, already multiplied by grad_scale / grad_s, in
+# the row-major (T, V) layout grad_x's FP8 matmul needs and the (V, T) one grad_w's needs.
+# The logits are freed when the op returns; the backward is just the two FP8 matmuls.
+# Same math as the unfused head (mtp_loss's formulas) up to rounding: the gradient is
+# rounded to e5m2 once, not through bf16 first. Per (T, V) element, counting every write
+# and every non-matmul read: 2 (logits) + 2 + 2 (two reads) + 1 + 1 (two e5m2 layouts) = 8
+# bytes, against 13 for the unfused head.
+FUSED_LOSS_MAX_K = 3  # multi-token predictions the kernel handles (the weights are padded to it)
+_FUSED_LOSS_META = dict(BLOCK_T=16, BLOCK_V=256, num_warps=8)
+_FUSED_LOSS_INTERPRET_META = dict(BLOCK_T=8, BLOCK_V=64)
+
+if triton is not None:
+
+    @triton.jit
+    def _mtp_loss_grad_kernel(logits, targets, weights, loss_out, g_out, gt_out, scale_ptr, T, V,
+                              BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, TO_E5M2: tl.constexpr):
+        """Rows [pid*BLOCK_T, +BLOCK_T): loss_out[t] = W_t lse_t - sum_k w_k z[t, target_{t+k}]
+        and g[t, v] = (W_t softmax(z)[v] - sum_k w_k [v == target_{t+k}]) softcap'(l[t, v])
+        * scale, with z = softcap(l) and W_t = sum_k w_k [t + k < T]; g in e5m2 at g_out
+        (T, V) and gt_out (V, T) (TO_E5M2=False: fp32 there, for the interpreter, whose
+        e5m2 conversion does not round to nearest)."""
+        rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_ok = rows < T
+        rows64 = rows.to(tl.int64)
+        # pass 1: sum_v exp(z). z = 23 sigmoid(.) lies in (0, 23), so no max pass is needed
+        total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            ok = row_ok[:, None] & (cols[None, :] < V)
+            x = tl.load(logits + rows64[:, None] * V + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            z = 23.0 * tl.sigmoid((x + 5.0) / 7.5)
+            total += tl.sum(tl.where(ok, tl.exp(z), 0.0), axis=1)
+        lse = tl.log(tl.where(row_ok, total, 1.0))
+        # the targets of offsets 0, 1, 2 and their weights (0 past the end, or past K)
+        ok0, ok1, ok2 = row_ok, row_ok & (rows + 1 < T), row_ok & (rows + 2 < T)
+        t0 = tl.load(targets + rows, mask=ok0, other=-1)
+        t1 = tl.load(targets + rows + 1, mask=ok1, other=-1)
+        t2 = tl.load(targets + rows + 2, mask=ok2, other=-1)
+        w0 = tl.where(ok0, tl.load(weights), 0.0)
+        w1 = tl.where(ok1, tl.load(weights + 1), 0.0)
+        w2 = tl.where(ok2, tl.load(weights + 2), 0.0)
+        W = w0 + w1 + w2
+        scale = tl.load(scale_ptr)
+        picked = tl.zeros((BLOCK_T,), dtype=tl.float32)
+        # pass 2: the picked softcapped logits and the e5m2 gradient
+        for v0 in range(0, V, BLOCK_V):
+            cols = v0 + tl.arange(0, BLOCK_V)
+            ok = row_ok[:, None] & (cols[None, :] < V)
+            x = tl.load(logits + rows64[:, None] * V + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+            s = tl.sigmoid((x + 5.0) / 7.5)
+            z = 23.0 * s
+            hit0 = cols[None, :] == t0[:, None]
+            hit1 = cols[None, :] == t1[:, None]
+            hit2 = cols[None, :] == t2[:, None]
+            picked += tl.sum(tl.where(hit0, w0[:, None] * z, 0.0) + tl.where(hit1, w1[:, None] * z, 0.0)
+                             + tl.where(hit2, w2[:, None] * z, 0.0), axis=1)
+            dz = W[:, None] * tl.exp(z - lse[:, None])
+            dz = dz - tl.where(hit0, w0[:, None], 0.0) - tl.where(hit1, w1[:, None], 0.0) \
+                - tl.where(hit2, w2[:, None], 0.0)
+            g = dz * (23.0 / 7.5) * s * (1.0 - s) * scale
+            if TO_E5M2:
+                g = g.to(tl.float8e5)  # round to nearest (cvt.rn.satfinite on sm90)
+            tl.store(g_out + rows64[:, None] * V + cols[None, :], g, mask=ok)
+            tl.store(gt_out + cols[None, :].to(tl.int64) * T + rows64[:, None], g, mask=ok)
+        tl.store(loss_out + rows, W * lse - picked, mask=row_ok)
+
+
+def triton_available(device, what: str = "fused loss head") -> tuple[bool, str]:
+    """(available, reason): a Triton kernel path needs Triton on CUDA (or its CPU interpreter)."""
+    device = torch.device(device)
+    if triton is None:
+        return False, f"{what} needs Triton"
+    if device.type != "cuda" and not _TRITON_INTERPRET:
+        return False, f"{what} needs a CUDA GPU or TRITON_INTERPRET=1 (device is {device.type})"
+    return True, ""
+
+
+# what the kernel moves per (T, V) element: reads the bf16 logits twice, writes e5m2 twice
+MTP_KERNEL_BYTES_PER_ELEMENT = dict(read=2 * 2, write=2 * 1)
+
+
+@torch.library.custom_op("train_gpt::mtp_loss_grad_e5m2", mutates_args=())
+def mtp_loss_grad_e5m2(logits: Tensor, targets: Tensor, weights: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The kernel: (per-row loss (T,) fp32, g (T, V) e5m2, g^T (V, T) e5m2) from bf16 logits;
+    g = dloss/dlogits * scale (a 0-d fp32 device tensor). weights has at most 3 entries."""
+    T, V = logits.shape
+    w = torch.zeros(FUSED_LOSS_MAX_K, dtype=torch.float32, device=logits.device)
+    w[:weights.numel()] = weights
+    loss = torch.empty(T, dtype=torch.float32, device=logits.device)
+    # the interpreter mishandles bf16 and rounds e5m2 wrongly: it gets fp32 in and out, and
+    # torch rounds its gradient to e5m2 (to nearest, as the GPU's conversion)
+    out_dtype = torch.float32 if _TRITON_INTERPRET else torch.float8_e5m2
+    g = torch.empty(T, V, dtype=out_dtype, device=logits.device)
+    gt = torch.empty(V, T, dtype=out_dtype, device=logits.device)
+    meta = _FUSED_LOSS_INTERPRET_META if _TRITON_INTERPRET else _FUSED_LOSS_META
+    _mtp_loss_grad_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](
+        logits.float() if _TRITON_INTERPRET else logits, targets, w, loss, g, gt, scale, T, V,
+        TO_E5M2=not _TRITON_INTERPRET, **meta)
+    return loss, g.to(torch.float8_e5m2), gt.to(torch.float8_e5m2)
+
+
+@mtp_loss_grad_e5m2.register_fake
+def _(logits, targets, weights, scale):
+    T, V = logits.shape
+    return (logits.new_empty(T, dtype=torch.float32), logits.new_empty(T, V, dtype=torch.float8_e5m2),
+            logits.new_empty(V, T, dtype=torch.float8_e5m2))
+
+
+def _fused_head_forward_body(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float):
+    logits, x_f8, w_f8 = _fp8_body(_fp8_mm_body, x.device)(x, w, FP8_X_SCALE, FP8_W_SCALE)
+    scale = _f32_scalar(grad_scale / FP8_GRAD_SCALE, x)
+    loss, g, gt = mtp_loss_grad_e5m2(logits, targets, weights, scale)
+    return loss.sum(), g, gt, x_f8, w_f8
+
+
+def _fused_head_backward_body(g: Tensor, gt: Tensor, x_f8: Tensor, w_f8: Tensor, g_scale: Tensor):
+    # grad_x = g @ w (T, V) @ (V, d), w column-major; grad_w = (x^T @ g)^T with g column-major,
+    # which is g^T (V, T) row-major; g_scale turns the e5m2 values back into dloss/dlogits
+    grad_x = torch._scaled_mm(g, w_f8.T.contiguous().T, scale_a=g_scale, scale_b=_f32_scalar(FP8_W_SCALE, g),
+                              out_dtype=torch.bfloat16, use_fast_accum=False)
+    grad_w = torch._scaled_mm(x_f8.T.contiguous(), gt.T, scale_a=_f32_scalar(FP8_X_SCALE, g), scale_b=g_scale,
+                              out_dtype=torch.float32, use_fast_accum=False).T
+    return grad_x, grad_w
+
+
+@torch.library.custom_op("train_gpt::fused_loss_head", mutates_args=())
+def fused_loss_head_op(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor,
+                       grad_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(summed multi-token loss, e5m2 gradient (T, V) and (V, T), x and w in e4m3)."""
+    return _fused_head_forward_body(x, w, targets, weights, grad_scale)
+
+
+@fused_loss_head_op.register_fake
+def _(x, w, targets, weights, grad_scale):
+    T, V = x.size(0), w.size(0)
+    return (x.new_empty((), dtype=torch.float32), x.new_empty(T, V, dtype=torch.float8_e5m2),
+            x.new_empty(V, T, dtype=torch.float8_e5m2), torch.empty_like(x, dtype=torch.float8_e4m3fn),
+            torch.empty_like(w, dtype=torch.float8_e4m3fn))
+
+
+@torch.library.custom_op("train_gpt::fused_loss_head_backward", mutates_args=())
+def fused_loss_head_backward(g: Tensor, gt: Tensor, x_f8: Tensor, w_f8: Tensor, g_scale: Tensor) -> tuple[Tensor, Tensor]:
+    return _fp8_body(_fused_head_backward_body, g.device)(g, gt, x_f8, w_f8, g_scale)
+
+
+@fused_loss_head_backward.register_fake
+def _(g, gt, x_f8, w_f8, g_scale):
+    V, d = w_f8.shape
+    return (torch.empty_like(x_f8, dtype=torch.bfloat16),
+            torch.empty_strided((V, d), (1, V), dtype=torch.float32, device=w_f8.device))
+
+
+def _fused_head_setup_context(ctx, inputs, output):
+    ctx.grad_scale = inputs[4]
+    ctx.save_for_backward(*output[1:])
+    ctx.set_materialize_grads(False)
+
+
+def _fused_head_backward(ctx, grad_loss, *_):
+    g, gt, x_f8, w_f8 = ctx.saved_tensors
+    # the e5m2 values are dloss/dlogits * grad_scale / grad_s; an incoming gradient other
+    # than grad_scale is folded into the scale (a 0-d device tensor: no host sync). For the
+    # trainer's 1/grad_accum, a power of 2, g_scale is grad_s exactly.
+    g_scale = grad_loss.float() * (FP8_GRAD_SCALE / ctx.grad_scale)
+    grad_x, grad_w = torch.ops.train_gpt.fused_loss_head_backward(g, gt, x_f8, w_f8, g_scale)
+    return grad_x, grad_w, None, None, None
+
+
+fused_loss_head_op.register_autograd(_fused_head_backward, setup_context=_fused_head_setup_context)
+
+
+def fused_loss_head(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float) -> Tensor:
+    """The training loss (as mtp_loss of the FP8 head's logits) through the fused op; its
+    backward expects `grad_scale` as the incoming gradient (other values are handled)."""
+    return fused_loss_head_op(x, w, targets, weights, grad_scale)[0]
+
+
+def time_loss_heads(T: int, d: int, V: int, K: int, grad_scale: float, device, iters: int = 5) -> tuple[float, float]:
+    """ms per forward + backward of the FP8 loss head at (T, d, V) with K predictions, CUDA
+    events: (fused, unfused, the latter's loss compiled as in the model). Random inputs."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, d, device=device, generator=g).bfloat16().requires_grad_()
+    w = (torch.randn(V, d, device=device, generator=g) * 0.005).bfloat16().requires_grad_()
+    targets = torch.randint(0, V, (T,), device=device, generator=g)
+    weights = torch.tensor([1.0, 0.5, 0.25][:K], device=device)
+    unfused_loss = torch.compile(mtp_loss, dynamic=False, fullgraph=True)
+
+    def unfused(x, w):
+        return unfused_loss(fp8_mm(x, w, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0], targets, weights) * grad_scale
+
+    def fused(x, w):
+        return fused_loss_head(x, w, targets, weights, grad_scale) * grad_scale
+
+    return _time_fwd_bwd((fused, unfused), (x, w), iters)
+
+
+def time_mlps(T: int, d: int, device, iters: int = 5) -> tuple[float, float]:
+    """ms per forward + backward of one MLP at (T, d), CUDA events: (fused, unfused, the
+    latter compiled as in the model). Random inputs."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, d, device=device, generator=g).bfloat16().requires_grad_()
+    c_fc = (torch.randn(4 * d, d, device=device, generator=g) * d ** -0.5).bfloat16().requires_grad_()
+    c_proj = (torch.randn(4 * d, d, device=device, generator=g) * d ** -0.5).bfloat16().requires_grad_()
+    return _time_fwd_bwd((fused_mlp, torch.compile(unfused_mlp, dynamic=False, fullgraph=True)),
+                         (x, c_fc, c_proj), iters)
+
+
+def _time_fwd_bwd(fns, inputs, iters: int) -> list[float]:
+    """ms per fn(*inputs).sum().backward() for each fn (2 untimed calls first)."""
+    times = []
+    for fn in fns:
+        for i in range(2 + iters):
+            if i == 2:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            fn(*inputs).sum().backward()
+            for t in inputs:
+                t.grad = None
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / iters)
+    torch.cuda.empty_cache()
+    return times
+
+
+def choose_fused_path(flag: str, setting: str, available: tuple[bool, str], time_both, rank: int,
+                      world_size: int, device: torch.device, log, timed: bool | None = None) -> bool:
+    """The start-up choice of one fused kernel path (--fused_loss): off: never; on: always
+    (an error where it cannot run); auto: off on CPU; on CUDA rank 0 times the fused and the
+    unfused path at the run's shapes (time_both() -> (fused ms, unfused ms)), broadcasts the
+    two timings, and every rank takes the faster. Logs the choice and the timings. (timed:
+    whether auto times, default on CUDA only.)"""
+    ok, why = available
+    if setting == "on":
+        if not ok:
+            raise ConfigError(f"--{flag}=on: {why}")
+        log(f"{flag}: on (forced)")
+        return True
+    if setting == "off" or not ok or not (device.type == "cuda" if timed is None else timed):
+        log(f"{flag}: off" + (" (forced)" if setting == "off" else f" ({why or 'auto: off on ' + device.type})"))
+        return False
+    times = torch.tensor(time_both() if rank == 0 else (0.0, 0.0), dtype=torch.float64, device=device)
+    if world_size > 1:
+        dist.broadcast(times, 0)
+    fused_ms, unfused_ms = times.tolist()
+    use = fused_ms < unfused_ms
+    log(f"{flag}: {'on' if use else 'off'} (auto: rank 0 timed fused {fused_ms:.3f} ms, unfused {unfused_ms:.3f} ms)")
+    return use
+
+
+
+# --- 2e. Fused MLP: the first matmul with ReLU^2 in its epilogue ---------------------
+# The MLP is h = relu(x @ c_fc^T)^2, out = h @ c_proj. Unfused, the first matmul writes the
+# pre-activation (T, 4d), a pointwise kernel reads it and writes h, and the backward reads
+# the pre-activation again (it is kept for relu^2's derivative). Here one Triton matmul
+# applies relu^2 to its fp32 accumulator before the store, so only h is written; in the
+# backward, the matmul forming dh = grad_out @ c_proj^T applies the derivative in its
+# epilogue, d(pre) = dh * 2 relu(pre), recovering relu(pre) as sqrt(h), so the
+# pre-activation is never stored: h is the one (T, 4d) tensor kept. The weight and input
+# gradients stay cuBLAS matmuls. Same math up to rounding: the pre-activation and dh are
+# not rounded to bf16 before the epilogue, and relu(pre) comes from the bf16 h.
+_MLP_INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
+
+if triton is not None:
+
+    def _mlp_autotune(kernel):
+        if _TRITON_INTERPRET:
+            return kernel
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in [
+                (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
+            ]
+        ]
+        return triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
+
+    @_mlp_autotune
+    @triton.jit
+    def _mlp_matmul_kernel(X, W, H, OUT, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, BACKWARD: tl.constexpr, UPCAST: tl.constexpr):
+        """acc = X @ W^T for X (M, K), W (N, K) in fp32. Forward: OUT = relu(acc)^2. Backward
+        (H the forward's output, same strides as OUT): OUT = acc * 2 sqrt(H)."""
+        pid = tl.program_id(0)
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * tiles_n)  # GROUP_M row tiles share their W tiles in L2
+        first_m = group * GROUP_M
+        rows_in_group = min(tiles_m - first_m, GROUP_M)
+        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
+        pid_n = (pid % (GROUP_M * tiles_n)) // rows_in_group
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # W^T tile
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        out_offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
+        if BACKWARD:
+            h = tl.load(H + out_offs, mask=ok, other=0.0).to(tl.float32)
+            out = acc * 2.0 * tl.sqrt(h)
+        else:
+            r = tl.maximum(acc, 0.0)
+            out = r * r
+        tl.store(OUT + out_offs, out.to(OUT.dtype.element_ty), mask=ok)
+
+
+def _mlp_matmul(x: Tensor, w: Tensor, h: Tensor | None = None) -> Tensor:
+    """relu(x @ w^T)^2 (h None), or (x @ w^T) * 2 sqrt(h): one Triton matmul, x (M, K), w (N, K)."""
+    M, K = x.shape
+    N = w.size(0)
+    out = x.new_empty(M, N)
+    meta = _MLP_INTERPRET_META if _TRITON_INTERPRET else {}
+    grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
+    _mlp_matmul_kernel[grid](x, w, out if h is None else h, out, M, N, K, *x.stride(), *w.stride(), *out.stride(),
+                             BACKWARD=h is not None, UPCAST=_TRITON_INTERPRET, **meta)
+    return out
+
+
+@torch.library.custom_op("train_gpt::mlp_up_relu2", mutates_args=())
+def mlp_up_relu2(x: Tensor, w: Tensor) -> Tensor:
+    """h = relu(x @ w^T)^2 in one Triton matmul (the pre-activation is never stored)."""
+    return _mlp_matmul(x, w)
+
+
+@mlp_up_relu2.register_fake
+def _(x, w):
+    return x.new_empty(x.size(0), w.size(0))
+
+
+@torch.library.custom_op("train_gpt::mlp_down_relu2_grad", mutates_args=())
+def mlp_down_relu2_grad(g: Tensor, w: Tensor, h: Tensor) -> Tensor:
+    """d(pre) = (g @ w^T) * 2 sqrt(h) in one Triton matmul: relu^2's derivative, from h."""
+    return _mlp_matmul(g, w, h)
+
+
+@mlp_down_relu2_grad.register_fake
+def _(g, w, h):
+    return torch.empty_like(h)
+
+
+class _FusedMLP(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, c_fc: Tensor, c_proj: Tensor) -> Tensor:
+        h = torch.ops.train_gpt.mlp_up_relu2(x, c_fc)
+        ctx.save_for_backward(x, c_fc, c_proj, h)
+        return h @ c_proj
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, c_fc, c_proj, h = ctx.saved_tensors
+        d_pre = torch.ops.train_gpt.mlp_down_relu2_grad(grad_out, c_proj, h)
+        return d_pre @ c_fc, d_pre.mT @ x, h.mT @ grad_out
+
+
+def fused_mlp(x: Tensor, c_fc: Tensor, c_proj: Tensor) -> Tensor:
+    """relu(x @ c_fc^T)^2 @ c_proj with the Triton matmuls above (forward and backward)."""
+    return _FusedMLP.apply(x, c_fc, c_proj)
+
+
+def unfused_mlp(x: Tensor, c_fc: Tensor, c_proj: Tensor) -> Tensor:
+    """The record's MLP: the reference path."""
+    return F.relu(F.linear(x, c_fc)).square() @ c_proj
+
+
+
 # =====================================================================================
 # 3. Optimizers
 # =====================================================================================
@@ -608,14 +1022,25 @@ ADAM_LABELS = {
 ADAM_SHARD_MIN_NUMEL = 1024  # smaller Adam tensors are all-reduced and updated on every rank
 
 
+def add_scaled_(C: Tensor, X: Tensor, alpha: float) -> Tensor:
+    """C += alpha * X in place as ONE rounding: the record's `C.add_(X, alpha=a)` on CUDA,
+    which computes C + alpha*X in fp32 (alpha an fp32 scalar) and rounds to C's dtype once.
+    PyTorch's CPU kernel for bf16 rounds alpha to bf16 (and, for a strided X, alpha*X too),
+    so on CPU the same fp32 arithmetic is written out."""
+    if C.device.type != "cpu" or C.dtype not in (torch.bfloat16, torch.float16):
+        return C.add_(X, alpha=alpha)
+    return C.copy_(C.float() + torch.tensor(alpha, dtype=torch.float32) * X.float())
+
+
 def polar_express(G: Tensor, split: bool = False) -> Tensor:
     """Approximate polar factor U V^T of G (2-D, or batched over a leading dim), SPEC 3.3.
 
     Works in G's dtype (the caller casts: bf16 as in the record; NorMuon's ortho_dtype may
     pick fp32 on CPU, where bf16 matmuls are slow). Record arithmetic: a tall G is transposed
     first; the Frobenius norm, its scaling and the division are tensor ops in G's dtype (a
-    bf16 scalar for bf16). split: `X = a X + B X` as `C = B @ X; C += a * X` (the record's
-    MLP matrices) instead of one fused baddbmm (its attention blocks).
+    bf16 scalar for bf16). split: `X = a X + B X` as `C = B @ X; C.add_(X, alpha=a)` (the
+    record's MLP matrices: one op, C + a*X rounded once) instead of one fused baddbmm (its
+    attention blocks). `C += a * X` would round a*X first and move the MLP updates ~2%.
     """
     X = G if G.ndim == 3 else G.unsqueeze(0)
     tall = X.size(-2) > X.size(-1)
@@ -630,9 +1055,7 @@ def polar_express(G: Tensor, split: bool = False) -> Tensor:
         sym_xxt(X, out=A)
         sym_ba_plus_caa(A, b, c, out=B)
         if split:
-            C = torch.bmm(B, X)
-            C += a * X
-            X = C
+            X = add_scaled_(torch.bmm(B, X), X, a)
         else:
             X = torch.baddbmm(X, B, X, beta=a, alpha=1.0)
     if tall:
@@ -1334,6 +1757,7 @@ class MLP(nn.Module):
         self.c_fc = nn.Parameter(torch.empty(4 * dim, dim, dtype=torch.bfloat16))
         self.c_proj = nn.Parameter(torch.empty(4 * dim, dim, dtype=torch.bfloat16))
         self.c_fc.label, self.c_proj.label = "mlp_fc", "mlp_proj"
+        self.fused = False  # fused_mlp instead of unfused_mlp (chosen at start-up)
 
     def reset_parameters(self):
         bound = math.sqrt(3) * 0.5 * self.dim ** -0.5
@@ -1342,7 +1766,7 @@ class MLP(nn.Module):
             self.c_proj.zero_()
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.relu(F.linear(x, self.c_fc.type_as(x))).square() @ self.c_proj.type_as(x)
+        return (fused_mlp if self.fused else unfused_mlp)(x, self.c_fc.type_as(x), self.c_proj.type_as(x))
 
 
 class Block(nn.Module):
@@ -1389,6 +1813,8 @@ class GPT(nn.Module):
         self.rotary = YaRNRotary(args.head_dim, max_positions, args.block_size)
         self.attn_fn = attention_sdpa  # replaced by build_model's backend choice
         self.use_fp8 = False
+        self.fused_loss = False  # the FP8 head through fused_loss_head (chosen at start-up)
+        self.loss_grad_scale = 1.0  # the gradient the trainer's backward gives the loss
         self.act_dtype = torch.bfloat16  # build_model uses float32 on CPU
         self.split_done = False  # embed split off from lm_head yet?
         self.windows = windows_at(0, args)  # (short, long) in blocks, set by the schedule
@@ -1413,6 +1839,10 @@ class GPT(nn.Module):
         sc[SC_SMEAR], sc[SC_BACKOUT], sc[SC_SKIP] = 0.0, 0.5, -1.5
         self.reset_schedule_state()
 
+    def set_fused_mlp(self, on: bool):
+        for block in self.blocks:
+            block.mlp.fused = on
+
     def reset_schedule_state(self):
         """Back to the state of step 0: embed not split, first windows, initial YaRN."""
         self.split_done = False
@@ -1436,18 +1866,14 @@ class GPT(nn.Module):
                 mtp_weights: Tensor | None = None) -> Tensor:
         x = self.hidden(input_seq, cu_seqlens, max_seqlen)
         if self.training:
+            if self.fused_loss:
+                return fused_loss_head(x, self.lm_head, target_seq, mtp_weights, self.loss_grad_scale)
             if self.use_fp8:
                 logits = fp8_mm(x, self.lm_head, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0]
             else:
                 logits = F.linear(x, self.lm_head.type_as(x))
             return training_loss(logits, target_seq, mtp_weights)
-        # eval: mean cross-entropy, the head applied in chunks to bound the logits' memory
-        total = x.new_zeros((), dtype=torch.float32)
-        W = self.lm_head.type_as(x)
-        for s in range(0, x.size(0), EVAL_HEAD_CHUNK):
-            logits = softcap(F.linear(x[s:s + EVAL_HEAD_CHUNK], W).float())
-            total = total + F.cross_entropy(logits, target_seq[s:s + EVAL_HEAD_CHUNK], reduction="sum")
-        return total / x.size(0)
+        return validation_loss(x, self.lm_head.type_as(x), target_seq)
 
     @torch.no_grad()
     def next_token_logits(self, tokens: Tensor) -> Tensor:
@@ -1456,7 +1882,7 @@ class GPT(nn.Module):
         T = tokens.numel()
         cu = torch.tensor([0, T], dtype=torch.int32, device=tokens.device)
         x = self.hidden(tokens.to(torch.int32), cu, T)
-        return softcap(F.linear(x[-1:], self.lm_head.type_as(x)).float())[0, :self.args.vocab_size]
+        return softcap(F.linear(x[-1:], self.lm_head.type_as(x))).float()[0, :self.args.vocab_size]
 
     def hidden(self, input_seq: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         """The final normalized hidden states (T, d): everything before the lm_head."""
@@ -1505,6 +1931,19 @@ EVAL_HEAD_CHUNK = 32768
 
 def softcap(logits: Tensor) -> Tensor:
     return 23 * torch.sigmoid((logits + 5) / 7.5)
+
+
+def validation_loss(x: Tensor, W: Tensor, targets: Tensor) -> Tensor:
+    """The validation metric (SPEC 2.6): mean cross-entropy of the softcapped head output,
+    in the record's op order: the softcap runs in the activation dtype (bf16 tensor ops on
+    GPU) and only its result is cast to float32 for the cross-entropy. (A float32 softcap of
+    the bf16 logits moves the loss by up to ~1e-3, the size of a record's margin.) The head
+    is applied in chunks of EVAL_HEAD_CHUNK rows to bound the logits' memory."""
+    total = x.new_zeros((), dtype=torch.float32)
+    for s in range(0, x.size(0), EVAL_HEAD_CHUNK):
+        logits = softcap(F.linear(x[s:s + EVAL_HEAD_CHUNK], W)).float()
+        total = total + F.cross_entropy(logits, targets[s:s + EVAL_HEAD_CHUNK], reduction="sum")
+    return total / x.size(0)
 
 
 class _MTPLoss(torch.autograd.Function):
@@ -1690,11 +2129,52 @@ def _check_rank(rank: int, world_size: int) -> None:
         raise ValueError(f"rank must be in [0, {world_size}), got {rank}")
 
 
-def _pack_cu_seqlens(starts: list, T: int, L: int, state: dict, what: str) -> Tensor:
+def _merge_segments(starts: list, T: int, max_len: int, limit: int) -> list:
+    """Starts of at most `limit` segments covering [0, T), each at most max_len tokens long,
+    made by merging adjacent segments of `starts` (each ending where the next starts, the
+    last at T): the adjacent pair with the shortest merged length first, so the fewest and
+    shortest documents share a segment. Should that get stuck, segments are packed left to
+    right (which needs the fewest segments); if even that needs more than `limit`, raises
+    DataError."""
+    n = len(starts)
+    length = [b - a for a, b in zip(starts, starts[1:] + [T])]
+    nxt, prv, alive = list(range(1, n + 1)), list(range(-1, n - 1)), [True] * n
+    heap = [(length[i] + length[i + 1], i, i + 1) for i in range(n - 1)]
+    heapq.heapify(heap)
+    count = n
+    while count > limit and heap:
+        total, i, j = heapq.heappop(heap)
+        if total > max_len:
+            break  # every pair left (valid or stale) is longer
+        if not (alive[i] and alive[j] and nxt[i] == j and length[i] + length[j] == total):
+            continue  # stale: one side has been merged since
+        length[i], alive[j], nxt[i] = total, False, nxt[j]
+        if nxt[j] < n:
+            prv[nxt[j]] = i
+            heapq.heappush(heap, (total + length[nxt[j]], i, nxt[j]))
+        if prv[i] >= 0:
+            heapq.heappush(heap, (length[prv[i]] + total, prv[i], i))
+        count -= 1
+    if count <= limit:
+        return [s for s, keep in zip(starts, alive) if keep]
+    packed, run = [starts[0]], 0
+    for s, e in zip(starts, starts[1:] + [T]):
+        if run + e - s > max_len:
+            packed.append(s)
+            run = 0
+        run += e - s
+    if len(packed) > limit:
+        raise DataError(f"a micro-batch of {T} tokens needs {len(packed)} segments of at most "
+                        f"{max_len} tokens, more than the {limit} that cu_seqlens can hold")
+    return packed
+
+
+def _pack_cu_seqlens(starts: list, T: int, L: int, max_len: int, state: dict, what: str) -> Tensor:
     """cu_seqlens = sequence starts (first is 0), then T, padded with T to length L.
 
-    With more than L-1 sequences the trailing ones are merged into the last kept
-    sequence (they then attend to each other): rare, and it keeps the shape fixed.
+    With more than L-1 sequences, adjacent short ones are merged (they then attend to each
+    other; rare, and it keeps the shape fixed), never into a segment longer than max_len,
+    the max_seqlen the attention kernel is told (it sizes its work by it).
     """
     if len(starts) > L - 1:
         if not state.get("warned"):
@@ -1702,10 +2182,10 @@ def _pack_cu_seqlens(starts: list, T: int, L: int, state: dict, what: str) -> Te
 
             warnings.warn(
                 f"{what}: a micro-batch of {T} tokens holds {len(starts)} sequences, more "
-                f"than the {L - 1} that cu_seqlens (length {L}) can describe; the trailing "
-                f"ones are merged into one sequence (warning shown once)", stacklevel=3)
+                f"than the {L - 1} that cu_seqlens (length {L}) can describe; adjacent short "
+                f"ones are merged, none past {max_len} tokens (warning shown once)", stacklevel=3)
             state["warned"] = True
-        starts = starts[:L - 1]
+        starts = _merge_segments(starts, T, max_len, L - 1)
     cu = torch.full((L,), T, dtype=torch.int32)
     cu[:len(starts)] = torch.tensor(starts, dtype=torch.int32)
     return cu
@@ -1874,7 +2354,7 @@ def _train_steps(docs, batch_size, rank, grad_accum, max_seq_len, device):
                 if offset < T:  # a sequence starting at T lives only in the targets
                     starts.append(offset)
                 offset += n
-            cu = _pack_cu_seqlens(starts, T, L, warn_state, "train_data_generator")
+            cu = _pack_cu_seqlens(starts, T, L, max_seq_len, warn_state, "train_data_generator")
             inputs = buf[:-1].to(torch.int32)
             targets = buf[1:].to(torch.int64)
             step.append(_to_device((inputs, targets, cu), device))
@@ -1925,7 +2405,7 @@ def _val_steps(files, pattern, B, T, rank, grad_accum, device, vocab_size):
             inputs = buf[:-1].to(torch.int32)
             targets = buf[1:].to(torch.int64)
             bos = (inputs[1:] == BOS_ID).nonzero().flatten() + 1
-            cu = _pack_cu_seqlens([0] + bos.tolist(), T, L, warn_state, "val_data_generator")
+            cu = _pack_cu_seqlens([0] + bos.tolist(), T, L, T, warn_state, "val_data_generator")
             out.append(_to_device((inputs, targets, cu), device))
         yield out
         step += 1
@@ -2116,13 +2596,25 @@ def check_inputs(args: Hyperparameters, world_size: int, rank: int, device: torc
     folder and the save path. Raises ConfigError (or ValueError naming a bad shard); returns
     a one-line summary of the data."""
     if args.attn_backend != "auto":
-        fn, why = _try_backend(args.attn_backend, device)
+        fn, why, _ = _try_backend(args.attn_backend, device)
         if fn is None:
             raise ConfigError(f"--attn_backend={args.attn_backend} cannot run here: {why}")
     if args.fp8 == "on":
         ok, why = fp8_supported(device)
         if not ok:
             raise ConfigError(f"--fp8=on: {why}")
+    if args.fused_loss == "on":
+        ok, why = triton_available(device)
+        if ok and (args.fp8 == "off" or not fp8_supported(device)[0]):
+            ok, why = False, "the fused loss head is the FP8 head's, and FP8 is off here"
+        if not ok:
+            raise ConfigError(f"--fused_loss=on: {why}")
+    if args.fused_mlp == "on":
+        ok, why = triton_available(device, "fused MLP")
+        if ok and device.type != "cuda":
+            ok, why = False, "the fused MLP is for bf16 activations, which the CPU path does not use"
+        if not ok:
+            raise ConfigError(f"--fused_mlp=on: {why}")
     counts = {}
     for flag, pattern in (("--train_files", args.train_files), ("--val_files", args.val_files)):
         files = list_shards(pattern)
@@ -2187,7 +2679,7 @@ MODEL_FILE_FORMAT = "train_gpt model 1"
 CHECKPOINT_FORMAT = "train_gpt checkpoint 1"
 # flags a resumed run may change: where things go and how, not what is computed
 RUN_ONLY_FLAGS = {"run_id", "log_dir", "save_model", "checkpoint_every", "resume", "warmup", "compile", "device",
-                  "attn_backend", "fp8", "val_loss_every", "train_files", "val_files", "preset"}
+                  "attn_backend", "fp8", "fused_loss", "fused_mlp", "val_loss_every", "train_files", "val_files", "preset"}
 
 
 def _model_state(model: GPT) -> dict:
@@ -2264,7 +2756,13 @@ def check_resume(args: Hyperparameters, world_size: int) -> dict:
 
 # Ctrl-C / SIGTERM during the training loop: the step in progress finishes, then the loop
 # stops (with a checkpoint when checkpointing is on); elsewhere, or at a second signal, at once.
-_STOP = {"in_loop": False, "requested": False}
+# With several processes a stop must not wait for a peer that is gone: torchrun sends
+# SIGTERM to the survivors when a worker dies, and on GPUs a collective with a dead peer may
+# block instead of raising. A main thread blocked there never runs _on_stop_signal (Python
+# runs handlers between bytecodes), so watch_stop_signals' thread hears the signal instead,
+# and ends the process if the stop's collectives are not done STOP_GRACE_S seconds later.
+STOP_GRACE_S = 10.0
+_STOP = {"in_loop": False, "requested": False, "peers_done": threading.Event()}
 
 
 def _on_stop_signal(signum, frame):
@@ -2272,6 +2770,37 @@ def _on_stop_signal(signum, frame):
         _STOP["requested"] = True
         return
     raise KeyboardInterrupt
+
+
+def watch_stop_signals(on_hang) -> None:
+    """Call from the main thread after the signal handlers are set. A thread reads the
+    signal numbers that the C-level handler writes to the wakeup fd (even while the main
+    thread is blocked) and, after the first, calls on_hang(signal name) unless the stop's
+    collectives finish within STOP_GRACE_S (see _peers_done)."""
+    import signal
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch():
+        signum = os.read(r, 1)[0]
+        if not _STOP["peers_done"].wait(STOP_GRACE_S):
+            on_hang(signal.Signals(signum).name)
+
+    threading.Thread(target=watch, name="stop-watch", daemon=True).start()
+
+
+def _peers_done() -> None:
+    """The stop needs no other process any more (what is left is local): no hang to catch."""
+    _STOP["peers_done"].set()
+
+
+def peer_failure(e: BaseException) -> bool:
+    """Whether a collective raised because another process is gone (gloo: the connection
+    was reset or closed; NCCL: a distributed backend error)."""
+    import re
+    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(
+        r"gloo|nccl|connection (reset|closed|refused)|broken pipe", str(e), re.IGNORECASE) is not None)
 
 
 class Trainer:
@@ -2282,6 +2811,9 @@ class Trainer:
         self.grad_accum = VIRTUAL_RANKS // world_size
         torch.manual_seed(args.seed)
         self.model = build_model(args, device, log=log)
+        self.model.loss_grad_scale = 1 / self.grad_accum  # train_step's (loss / grad_accum).backward()
+        self.model.fused_loss = self.choose_fused_loss()
+        self.model.set_fused_mlp(self.choose_fused_mlp())
         if world_size > 1:  # every rank starts from rank 0's initialization
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
@@ -2300,6 +2832,33 @@ class Trainer:
         self.train_loader = None
         self.batch_size = None
         self.step = None  # the step being run (for the interrupt message)
+        self.last_checkpoint = Path(args.resume) if args.resume else None  # the one to resume from
+
+    def choose_fused_loss(self) -> bool:
+        """--fused_loss: the fused FP8 loss head (kernels 2d) where it is faster at the
+        largest micro-batch of the run (timed before the clock starts)."""
+        args, model = self.args, self.model
+        ok, why = triton_available(self.device)
+        if ok and not model.use_fp8:
+            ok, why = False, "the fused loss head is the FP8 head's (FP8 is off)"
+        step = max(range(total_steps(args)), key=lambda s: batch_size_at(s, args))
+        T = batch_size_at(step, args) // VIRTUAL_RANKS
+        K = len(mtp_weights(step, args))
+        return choose_fused_path(
+            "fused_loss", args.fused_loss, (ok, why),
+            lambda: time_loss_heads(T, args.model_dim, model.padded_vocab, K, model.loss_grad_scale, self.device),
+            self.rank, self.world_size, self.device, self.log)
+
+    def choose_fused_mlp(self) -> bool:
+        """--fused_mlp: the MLP's Triton matmuls (kernels 2e) where faster at the largest
+        micro-batch of the run with bf16 activations (timed before the clock starts)."""
+        args, model = self.args, self.model
+        ok, why = triton_available(self.device, "fused MLP")
+        if ok and model.act_dtype != torch.bfloat16:
+            ok, why = False, f"the fused MLP is for bf16 activations (here {str(model.act_dtype).removeprefix('torch.')})"
+        T = max(args.train_batch_sizes) // VIRTUAL_RANKS
+        return choose_fused_path("fused_mlp", args.fused_mlp, (ok, why), lambda: time_mlps(T, args.model_dim, self.device),
+                                 self.rank, self.world_size, self.device, self.log)
 
     # --- data ---
     def restart_data(self, step: int = 0, position=None):
@@ -2398,6 +2957,8 @@ class Trainer:
             torch.save(mine, buf)
             gathered = [None] * self.world_size if self.rank == 0 else None
             dist.gather_object(buf.getvalue(), gathered, dst=0)
+            if _STOP["requested"]:
+                _peers_done()  # what is left of this stop is rank 0's own file write
             if self.rank != 0:
                 return None
             ranks = [torch.load(io.BytesIO(b)) for b in gathered]
@@ -2410,9 +2971,15 @@ class Trainer:
         folder = Path(self.args.log_dir)
         path = folder / f"{run_id}.step{step:06d}.pt"
         _save_atomically(state, path)
+        self.last_checkpoint = path
         for old in sorted(folder.glob(f"{glob.escape(run_id)}.step*.pt"))[:-2]:
             old.unlink()
         return path
+
+    def resume_hint(self) -> str:
+        if self.last_checkpoint is None:
+            return "no checkpoint to resume from" + ("" if self.args.checkpoint_every else " (--checkpoint_every=0)")
+        return f"resume with --resume={self.last_checkpoint}"
 
     def load_checkpoint(self, state: dict) -> tuple[int, float, tuple]:
         """Restores a checkpoint (after the warm-up, which resets to the initial state);
@@ -2457,9 +3024,9 @@ class Trainer:
                     t0 = time.perf_counter()
                 if last:
                     break
-                self.step = step
+                self.step = step  # "at step N": N steps done, the next one in progress or not started
                 loss = self.train_step(step)
-                done = step + 1
+                done = self.step = step + 1
                 shown = ""
                 if done % loss_every == 0 or done == N:
                     if self.world_size > 1:
@@ -2481,7 +3048,6 @@ class Trainer:
                         log(f"checkpoint: {path}")
                     t0 = time.perf_counter()
                 if stop:
-                    self.step = done
                     raise KeyboardInterrupt
         finally:
             _STOP["in_loop"] = False
@@ -2603,7 +3169,7 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    log, trainer = None, None
+    log, trainer, peer_gone = None, None, False
     try:
         args = parse_args(argv)
         check_config(args, world_size)
@@ -2631,6 +3197,10 @@ def main(argv=None):
                                   for k, v in dataclasses.asdict(args).items()), console=False)
         log(data_summary)
         trainer = Trainer(args, rank, world_size, device, log)
+        if world_size > 1:
+            watch_stop_signals(lambda signame: _hard_stop(log, (
+                f"error: stopped by {signame}{_at_step(trainer)}, still waiting for another process "
+                f"{STOP_GRACE_S:.0f}s later (a peer process stopped or hangs); {trainer.resume_hint()}")))
         warm = args.warmup and trainer.forward is not trainer.model
         if warm:
             trainer.warmup()
@@ -2647,11 +3217,32 @@ def main(argv=None):
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
         _last_line(log, f"error: {e}", 2)
     except KeyboardInterrupt:
-        where = f" at step {trainer.step}" if trainer is not None and trainer.step is not None else " before training"
-        _last_line(log, f"interrupted{where}", 130)
+        _last_line(log, f"interrupted{_at_step(trainer)}", 130)
+    except Exception as e:
+        if not (world_size > 1 and peer_failure(e)):
+            raise
+        reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        hint = trainer.resume_hint() if trainer is not None else "no checkpoint to resume from"
+        peer_gone = True
+        _last_line(log, f"error: a peer process stopped or its connection closed{_at_step(trainer)} "
+                        f"({reason}); {hint}", 2)
     finally:
-        if dist.is_initialized():
+        if dist.is_initialized() and not peer_gone:  # with a dead peer, tearing down may block
             dist.destroy_process_group()
+
+
+def _at_step(trainer) -> str:
+    return f" at step {trainer.step}" if trainer is not None and trainer.step is not None else " before training"
+
+
+def _hard_stop(log, message: str) -> None:
+    """Ends the process at once from any thread (the main one may be blocked in a
+    collective): `message` as the log's last line and on stderr, exit code 2."""
+    print(message, file=sys.stderr, flush=True)
+    if log is not None and log.path is not None:
+        with contextlib.suppress(Exception):
+            log(message, console=False)
+    os._exit(2)
 
 
 def _last_line(log, message: str, code: int) -> None:

@@ -369,18 +369,52 @@ def test_train_argument_errors(tmp_path):
         gen.send(12)
 
 
-def test_train_too_many_sequences_are_merged(tmp_path):
-    # 1-token documents: a 257-token buffer has 256 sequences, cu_seqlens room for 127
-    pattern = write_doc_shards(tmp_path, [([], [[BOS]] * 5000)])
-    gen = tg.train_data_generator(pattern, 8 * 256, 0, 1, 64)
+def segment_lengths(cu, T):
+    """Lengths of the segments that cu_seqlens describes (its T padding dropped)."""
+    starts = [s for s in cu.tolist() if s < T]
+    return [b - a for a, b in zip(starts, starts[1:] + [T])], starts
+
+
+def test_train_too_many_sequences_are_merged_within_max_seqlen(tmp_path):
+    """More documents than cu_seqlens has slots: adjacent short ones share a segment, but
+    no segment is longer than max_seq_len (the max_seqlen FlashAttention is told), every
+    token stays in the inputs, and each segment boundary is a document start."""
+    max_seq_len, T = 64, 256
+    rng = random.Random(5)
+    docs = [[BOS] + [7] * 29] * 2  # two long documents, then many of 1 and 2 tokens
+    docs += [[BOS] + [8] * rng.randint(0, 1) for _ in range(3000)]
+    pattern = write_doc_shards(tmp_path, [([], docs)])
+    gen = tg.train_data_generator(pattern, 8 * T, 0, 1, max_seq_len)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         step1, step2 = next(gen), next(gen)
     assert len([w for w in caught if "merged" in str(w.message)]) == 1
-    for inputs, targets, cu in step1 + step2:
-        assert cu.shape == (128,)
-        assert cu.tolist() == list(range(127)) + [256]
-        assert inputs.tolist() == [BOS] * 256
+    stream = [t for d in docs for t in d]
+    consumed = 0
+    for i, (inputs, targets, cu) in enumerate(step1 + step2):
+        assert cu.shape == (128,) and cu[0] == 0 and cu[-1] == T
+        lengths, starts = segment_lengths(cu, T)
+        toks = inputs.tolist()
+        n_docs = toks.count(BOS)
+        assert n_docs > 127 or starts == [p for p, t in enumerate(toks) if t == BOS]
+        assert len(starts) == min(n_docs, 127)  # only what does not fit is merged
+        assert sum(lengths) == T and max(lengths) <= max_seq_len, lengths
+        assert all(toks[s] == BOS for s in starts)
+        # no document dropped: the buffer is the stream's next T + 1 tokens (no document
+        # here is longer than max_seq_len; the last one is cut to fit, its rest not used)
+        assert toks + targets.tolist()[-1:] == stream[consumed:consumed + T + 1]
+        consumed = stream.index(BOS, consumed + T + 1)
+        if i == 0:  # the first buffer: the two long documents keep their own segments
+            assert lengths[:2] == [30, 30] and n_docs > 127
+
+
+def test_merge_segments_falls_back_to_packing_and_names_the_impossible():
+    M = 10
+    # merging the shortest pair first (4+4) leaves [6, 8, 6]; packing left to right gives 2
+    assert tg._merge_segments([0, 6, 10, 14], 20, M, 2) == [0, 10]
+    assert tg._merge_segments([0, 6, 10, 14], 20, M, 3) == [0, 6, 14]
+    with pytest.raises(tg.DataError, match="needs 3 segments of at most 10 tokens"):
+        tg._merge_segments([0, 6, 10, 14], 21, M, 2)
 
 
 # --------------------------------------------------------------------------------------
@@ -423,8 +457,9 @@ def test_val_too_many_sequences_are_merged(tmp_path):
     gen = tg.val_data_generator(str(tmp_path / "w_val_*.bin"), 8 * 200, 0, 1)
     with pytest.warns(UserWarning, match="merged"):
         step = next(gen)
-    for _, _, cu in step:
-        assert cu.tolist() == list(range(127)) + [200]
+    for _, _, cu in step:  # 200 one-token documents into 127 segments (of at most T)
+        lengths, starts = segment_lengths(cu, 200)
+        assert len(starts) == 127 and sorted(lengths) == [1] * 54 + [2] * 73
 
 
 # --------------------------------------------------------------------------------------

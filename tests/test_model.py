@@ -592,6 +592,69 @@ def test_document_ids_and_backend_selection():
         tg.select_attention_backend("nonsense", "cpu")
 
 
+class StandInKernels:
+    """A `kernels` module without a network: records get_kernel's calls; `fail` makes the
+    hub refuse, as kernels 0.14+ refuses a repository outside its maintained set."""
+
+    def __init__(self, fail=None):
+        self.calls, self.fail = [], fail
+        self.interface = type("FA3", (), {"flash_attn_varlen_func": staticmethod(lambda *a, **k: None)})()
+
+    def get_kernel(self, repo, **kwargs):
+        self.calls.append((repo, kwargs))
+        if self.fail:
+            raise ValueError(self.fail)
+        return type("Kernel", (), {"flash_attn_interface": self.interface})()
+
+
+@pytest.fixture
+def kernels_hub(monkeypatch):
+    def install(fail=None, repo=None):
+        hub = StandInKernels(fail)
+        monkeypatch.setitem(__import__("sys").modules, "kernels", hub)
+        if repo is None:
+            monkeypatch.delenv("TRAIN_GPT_FA3_REPO", raising=False)
+        else:
+            monkeypatch.setenv("TRAIN_GPT_FA3_REPO", repo)
+        return hub
+    return install
+
+
+def test_fa3_loads_the_hubs_maintained_build_by_default(kernels_hub):
+    hub = kernels_hub()
+    fa3, what = tg.load_fa3()
+    assert hub.calls == [("kernels-community/flash-attn3", {"version": 1})]
+    assert fa3 is hub.interface and what == "kernels-community/flash-attn3, version=1"
+
+
+def test_fa3_from_another_repository_is_trusted_explicitly_and_says_so(kernels_hub):
+    hub = kernels_hub(repo="varunneal/flash-attention-3")
+    fa3, what = tg.load_fa3()
+    assert hub.calls == [("varunneal/flash-attention-3", {"trust_remote_code": True})]
+    assert fa3 is hub.interface and what == "varunneal/flash-attention-3, trust_remote_code=True"
+
+
+def test_fa3_that_cannot_load_falls_back_with_a_one_line_reason(kernels_hub, monkeypatch):
+    """On a (pretended) Hopper GPU, a hub that refuses: auto falls back to the next backend
+    and its log line names the FA3 build it tried and why it failed, on one line."""
+    kernels_hub(fail="Repository not in the allow-list\npass trust_remote_code=True")
+    monkeypatch.setattr(tg, "_gpu_major", lambda device: 9)
+    fa3, why = tg.load_fa3()
+    assert fa3 is None and "\n" not in why
+    assert why == ("cannot load kernels-community/flash-attn3, version=1 from the kernel hub "
+                   "(ValueError: Repository not in the allow-list)")
+    name, fn, msg = tg.select_attention_backend("auto", "cpu")
+    assert name == "varlen" and fn is tg.attention_varlen
+    assert msg == f"attention backend: varlen (fallback; skipped fa3: {why})"
+    with pytest.raises(tg.ConfigError, match="--attn_backend=fa3 cannot run here: cannot load kernels-community"):
+        tg.select_attention_backend("fa3", "cpu")
+    kernels_hub()
+    name, _, msg = tg.select_attention_backend("auto", "cpu")
+    assert name == "fa3" and msg == "attention backend: fa3 (kernels-community/flash-attn3, version=1)"
+    monkeypatch.setitem(__import__("sys").modules, "kernels", None)  # not installed
+    assert tg.load_fa3() == (None, "the kernels package is not installed (pip install 'kernels>=0.14,<1')")
+
+
 # ------------------------------------------------------------------------------------
 # 4. partial key offset (and q/k as handed to the backend on every layer)
 # ------------------------------------------------------------------------------------
@@ -1243,3 +1306,140 @@ def test_fp8_ops_fake_tensors_match_real_outputs(device):
                      (torch.ops.train_gpt.fp8_mm_backward.default, (grad, x_f8, w_f8, *scales))):
         result = torch.library.opcheck(op, args, test_utils=("test_faketensor",))
         assert result == {"test_faketensor": "SUCCESS"}, (op, result)
+
+
+# ------------------------------------------------------------------------------------
+# 10. the validation metric's op order (SPEC 2.6)
+# ------------------------------------------------------------------------------------
+
+def record_val_loss(x, W, targets):
+    """The record's validation loss, written out: the softcap in the activation dtype, only
+    its result cast to float32, then the mean cross-entropy."""
+    return F.cross_entropy((23 * torch.sigmoid((F.linear(x, W) + 5) / 7.5)).float(), targets)
+
+
+def float32_softcap_val_loss(x, W, targets):
+    return F.cross_entropy(ref_softcap_f32(F.linear(x, W).float()), targets)
+
+
+def test_bf16_validation_loss_uses_the_record_op_order():
+    """Eager, bf16 activations: the model's eval loss is the record's op order to the bit,
+    and at these shapes that number differs from a float32 softcap of the same logits."""
+    model = tiny_model(seed=100)
+    randomize(model, seed=101)
+    model.act_dtype = torch.bfloat16
+    T = 256
+    cu = [0, 40, 41, 200, T]
+    inp, tgt = random_tokens(T, seed=102)
+    with torch.no_grad():
+        model.lm_head.mul_(40)  # logits of std ~5, where the two orders are far apart
+        x = model.hidden(inp.to(torch.int32), cu_tensor(cu), max_len(cu))
+        W = model.lm_head.bfloat16()
+        assert x.dtype == torch.bfloat16 and F.linear(x, W).float().std() > 2
+        ref = record_val_loss(x, W, tgt)
+        other = float32_softcap_val_loss(x, W, tgt)
+    got = eval_loss(model, inp, tgt, cu)
+    assert got.dtype == torch.float32 and torch.equal(got, ref), (got.item(), ref.item())
+    assert abs(ref.item() - other.item()) > 1e-4, (ref.item(), other.item())
+
+
+def test_compiled_validation_loss_equals_the_record_op_order_compiled():
+    """Compiled on CPU (inductor's own bf16/fp32 mix): the head's validation loss equals the
+    record's op order compiled the same way, bitwise, for logits of std 2 and 6."""
+    g = torch.Generator().manual_seed(103)
+    T, d, V = 512, 64, V_PAD
+    W = (torch.randn(V, d, generator=g) / d ** 0.5).bfloat16()
+    targets = torch.randint(0, V, (T,), generator=g)
+    got_fn = torch.compile(tg.validation_loss, fullgraph=True, dynamic=False)
+    ref_fn = torch.compile(record_val_loss, fullgraph=True, dynamic=False)
+    for std in (2.0, 6.0):
+        x = (torch.randn(T, d, generator=g) * std).bfloat16()
+        got, ref = got_fn(x, W, targets), ref_fn(x, W, targets)
+        assert torch.equal(got, ref), (std, got.item(), ref.item())
+
+
+# ------------------------------------------------------------------------------------
+# 11. the fused loss head's place in the model and its start-up choice
+# ------------------------------------------------------------------------------------
+
+def test_training_forward_takes_the_fused_head_when_chosen(monkeypatch):
+    """With fused_loss set, the training loss is fused_loss_head(x, lm_head, targets, mtp
+    weights, the backward's gradient scale): the kernel itself is checked under the
+    interpreter (tests/fused_kernels_check.py). Off, the head is the unfused one, unchanged."""
+    model = tiny_model(seed=110)
+    randomize(model, seed=111)
+    T = 32
+    cu = [0, 10, T]
+    inp, tgt = random_tokens(T, seed=112)
+    w = torch.tensor([1.0, 0.5, 0.25])
+    model.train()
+    with torch.no_grad():
+        unfused = model(inp, tgt, cu_tensor(cu), max_len(cu), w)
+        x = model.hidden(inp, cu_tensor(cu), max_len(cu))
+    calls = []
+    monkeypatch.setattr(tg, "fused_loss_head", lambda *a: calls.append(a) or torch.tensor(7.0))
+    model.fused_loss, model.loss_grad_scale = True, 0.125
+    with torch.no_grad():
+        assert model(inp, tgt, cu_tensor(cu), max_len(cu), w).item() == 7.0
+    (xa, wa, ta, ma, sa), = calls
+    assert torch.equal(xa, x) and wa is model.lm_head and ta is tgt and ma is w and sa == 0.125
+    model.fused_loss = False
+    with torch.no_grad():
+        assert torch.equal(model(inp, tgt, cu_tensor(cu), max_len(cu), w), unfused)
+
+
+def test_fused_path_choice_times_only_where_asked_and_takes_the_faster():
+    cpu = torch.device("cpu")
+
+    def choose(setting, available=(True, ""), times=(1.0, 2.0), timed=None):
+        lines, timed_calls = [], []
+        use = tg.choose_fused_path("fused_loss", setting, available, lambda: timed_calls.append(1) or times,
+                                   0, 1, cpu, lines.append, timed=timed)
+        return use, lines, len(timed_calls)
+
+    assert choose("off") == (False, ["fused_loss: off (forced)"], 0)
+    assert choose("on") == (True, ["fused_loss: on (forced)"], 0)
+    with pytest.raises(tg.ConfigError, match="--fused_loss=on: no Triton here"):
+        choose("on", available=(False, "no Triton here"))
+    assert choose("auto") == (False, ["fused_loss: off (auto: off on cpu)"], 0)  # CPU: the reference path
+    assert choose("auto", available=(False, "FP8 is off")) == (False, ["fused_loss: off (FP8 is off)"], 0)
+    use, lines, n = choose("auto", times=(3.25, 4.5), timed=True)
+    assert use and n == 1 and lines == ["fused_loss: on (auto: rank 0 timed fused 3.250 ms, unfused 4.500 ms)"]
+    use, lines, n = choose("auto", times=(5.0, 4.5), timed=True)  # never slower than the unfused head
+    assert not use and n == 1 and lines == ["fused_loss: off (auto: rank 0 timed fused 5.000 ms, unfused 4.500 ms)"]
+
+
+def test_trainer_tells_the_head_the_gradient_scale_of_its_backward(tmp_path):
+    """train_step runs (loss / grad_accum).backward(): the head is told 1 / grad_accum (1/8
+    for one process); on CPU --fused_loss=auto keeps the unfused head and says why."""
+    lines = []
+    trainer = tg.Trainer(tg.parse_args(["--preset=tiny", f"--log_dir={tmp_path}"]), 0, 1, torch.device("cpu"),
+                         lambda m="", **k: lines.append(m))
+    assert trainer.model.loss_grad_scale == 1 / 8 == 1 / trainer.grad_accum and not trainer.model.fused_loss
+    assert "fused_loss: off (fused loss head needs a CUDA GPU or TRITON_INTERPRET=1 (device is cpu))" in lines
+    assert not any(b.mlp.fused for b in trainer.model.blocks)
+    assert "fused_mlp: off (fused MLP needs a CUDA GPU or TRITON_INTERPRET=1 (device is cpu))" in lines
+
+
+def test_mlp_takes_the_fused_matmuls_when_chosen(monkeypatch):
+    """With set_fused_mlp(True) every MLP computes fused_mlp(x, c_fc, c_proj) (the kernels are
+    checked under the interpreter, tests/fused_kernels_check.py); off, the record's MLP, bitwise."""
+    model = tiny_model(seed=120)
+    randomize(model, seed=121)
+    x = torch.randn(16, model.args.model_dim, generator=torch.Generator().manual_seed(122))
+    mlp = model.blocks[4].mlp
+    with torch.no_grad():
+        ref = torch.relu(x.double() @ f64(mlp.c_fc).T).square() @ f64(mlp.c_proj)
+        before = mlp(x)
+    assert_close(before, ref, atol=1e-4, rtol=1e-4, msg="unfused MLP")
+    calls = []
+    monkeypatch.setattr(tg, "fused_mlp", lambda *a: calls.append(a) or a[0])
+    model.set_fused_mlp(True)
+    assert all(b.mlp.fused for b in model.blocks)
+    with torch.no_grad():
+        assert mlp(x) is x
+    (xa, fa, pa), = calls
+    assert xa is x and torch.equal(fa, mlp.c_fc.float()) and torch.equal(pa, mlp.c_proj.float())
+    model.set_fused_mlp(False)
+    with torch.no_grad():
+        assert torch.equal(mlp(x), before)

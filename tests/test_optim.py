@@ -264,22 +264,27 @@ def _interpreter_broken_by_numpy() -> str:
 INTERPRETER_BROKEN = _interpreter_broken_by_numpy()
 
 
-@pytest.mark.skipif(bool(INTERPRETER_BROKEN), reason=INTERPRETER_BROKEN)
-def test_triton_sym_kernels_under_interpreter():
+def run_interpreted(script: str) -> str:
+    """Runs a check script of tests/ under the Triton interpreter; returns its output."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, os.path.join(HERE, "sym_kernels_check.py")], env=env,
+    res = subprocess.run([sys.executable, os.path.join(HERE, script)], env=env,
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+@pytest.mark.skipif(bool(INTERPRETER_BROKEN), reason=INTERPRETER_BROKEN)
+def test_triton_sym_kernels_under_interpreter():
+    run_interpreted("sym_kernels_check.py")
 
 
 H100_MAX_SHARED_BYTES = 227 * 1024  # dynamic shared memory one block may opt in to on sm90
 
 
-def test_triton_sym_kernels_compile_for_hopper():
-    """No GPU needed: Triton compiles each autotune config of both kernels, for bf16 (the
-    record's Polar Express dtype), to sm90 machine code. The interpreter test above does not
-    catch code that only the real compiler rejects; here the PTX must also use Hopper's
-    warpgroup tensor-core instructions (wgmma), and the shared memory must fit one block."""
+def compile_for_hopper(jit, types: dict, consts: dict, what: str, **options):
+    """Triton's sm90 compile of a JIT kernel (no GPU needed): `types` gives each runtime
+    argument's type, `consts` the constexprs. Skips where Triton cannot compile for CUDA.
+    Checks the machine code exists and the shared memory fits one H100 block."""
     if T.triton is None or T._TRITON_INTERPRET:
         pytest.skip("needs Triton's compiler (no TRITON_INTERPRET=1)")
     import triton
@@ -287,23 +292,73 @@ def test_triton_sym_kernels_compile_for_hopper():
 
     if "nvidia" not in triton.backends.backends:
         pytest.skip("this Triton has no NVIDIA backend")
+    sig = {name: "constexpr" if name in consts else types[name] for name in jit.arg_names}
+    src = triton.compiler.ASTSource(fn=jit, signature=sig,
+                                    constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
+    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
+    assert out.asm["cubin"], what
+    assert out.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {out.metadata.shared} B shared"
+    return out
+
+
+def test_triton_sym_kernels_compile_for_hopper():
+    """No GPU needed: Triton compiles each autotune config of both kernels, for bf16 (the
+    record's Polar Express dtype), to sm90 machine code. The interpreter test above does not
+    catch code that only the real compiler rejects; here the PTX must also use Hopper's
+    warpgroup tensor-core instructions (wgmma), and the shared memory must fit one block."""
     compiled = 0
     for kernel in (T._xxt_kernel, T._ba_plus_caa_kernel):
         jit = kernel.fn  # the autotuner wraps the JIT function
+        types = {name: "*bf16" if name in ("A", "C") else "fp32" if name in ("alpha", "beta") else "i32"
+                 for name in jit.arg_names}
         for cfg in kernel.configs:
-            consts = {**cfg.kwargs, "UPCAST": False}
-            sig = {name: "constexpr" if name in consts else "*bf16" if name in ("A", "C")
-                   else "fp32" if name in ("alpha", "beta") else "i32" for name in jit.arg_names}
-            src = triton.compiler.ASTSource(
-                fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
-            out = triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                                 options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
             what = f"{jit.__name__} {cfg}"
-            assert out.asm["cubin"], what
+            out = compile_for_hopper(jit, types, {**cfg.kwargs, "UPCAST": False}, what,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             assert "wgmma.mma_async" in out.asm["ptx"], f"{what}: no wgmma in the PTX"
-            assert out.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {out.metadata.shared} B shared"
             compiled += 1
     assert compiled == 2 * len(T._xxt_kernel.configs) >= 2
+
+
+@pytest.mark.skipif(bool(INTERPRETER_BROKEN), reason=INTERPRETER_BROKEN)
+def test_fused_kernels_under_interpreter():
+    """The fused kernels under the interpreter at small shapes (tests/fused_kernels_check.py).
+    Loss head (kernels 2d): against a float64 reference and the unfused FP8 head, the loss,
+    the e5m2 gradient (rounded once), grad_x and grad_w, for K = 3, 2, 1, grad_accum 8 and
+    1, an incoming gradient other than the one the forward was told, repeated targets and
+    the last K-1 positions. MLP (kernels 2e): against float64 autograd of relu(x @ c_fc^T)^2
+    @ c_proj and the unfused bf16 MLP, the activation, output, grad_x and the gradients of
+    c_fc and c_proj, with all-negative pre-activations."""
+    out = run_interpreted("fused_kernels_check.py")
+    assert out.count("[PASS]") == 35 + 12 and "[FAIL]" not in out, out
+
+
+def test_fused_loss_kernel_compiles_for_hopper():
+    """The loss kernel compiles to sm90 code with its GPU config and bf16 logits; its e5m2
+    stores round to nearest (cvt.rn), and its shared memory fits one H100 block."""
+    meta = dict(T._FUSED_LOSS_META)
+    num_warps = meta.pop("num_warps")
+    types = dict(logits="*bf16", targets="*i64", weights="*fp32", loss_out="*fp32", g_out="*fp8e5",
+                 gt_out="*fp8e5", scale_ptr="*fp32", T="i32", V="i32")
+    out = compile_for_hopper(T._mtp_loss_grad_kernel, types, {**meta, "TO_E5M2": True}, "loss kernel",
+                             num_warps=num_warps)
+    assert "cvt.rn.satfinite.e5m2x2.f32" in out.asm["ptx"]
+
+
+def test_fused_mlp_kernel_compiles_for_hopper():
+    """Every autotune config of the MLP matmul, forward and backward epilogue, compiles for
+    sm90 with bf16 operands; the PTX uses wgmma and the shared memory fits one H100 block."""
+    jit = T._mlp_matmul_kernel.fn
+    types = {name: "*bf16" if name in ("X", "W", "H", "OUT") else "i32" for name in jit.arg_names}
+    compiled = 0
+    for cfg in T._mlp_matmul_kernel.configs:
+        for backward in (False, True):
+            what = f"{cfg} backward={backward}"
+            out = compile_for_hopper(jit, types, {**cfg.kwargs, "BACKWARD": backward, "UPCAST": False}, what,
+                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            assert "wgmma.mma_async" in out.asm["ptx"], f"{what}: no wgmma in the PTX"
+            compiled += 1
+    assert compiled == 2 * len(T._mlp_matmul_kernel.configs) >= 2
 
 
 def test_sym_matmul_torch_fallback():
@@ -448,7 +503,9 @@ def test_polar_express_follows_the_record_rounding_order():
     """SPEC 3.3 in bf16, written out: cast to bf16, transpose a tall matrix, norm / scale /
     divide as bf16 tensor ops, then per iteration A = X X^T, B = b A + c A A (on CPU one
     baddbmm stands in for the Triton kernel, both rounding once), and X = a X + B X fused
-    (attention blocks) or split `C = B @ X; C += a * X` (MLP matrices)."""
+    (attention blocks) or split `C = B @ X; C.add_(X, alpha=a)` (MLP matrices: one op,
+    rounded once). The MLP form is also shown to differ from `C += a * X`, which rounds
+    a * X to bf16 before the add, so the test tells the two apart."""
     gen = torch.Generator().manual_seed(9)
     for shape, split in [((4, 32, 32), False), ((2, 128, 32), True)]:
         G = torch.randn(shape, generator=gen)
@@ -461,15 +518,23 @@ def test_polar_express_follows_the_record_rounding_order():
         for a, b, c in PE_COEFFS:
             A = torch.bmm(X, X.mT)
             B = torch.baddbmm(A, A, A, beta=b, alpha=c)
-            if split:
-                C = torch.bmm(B, X)
-                C += a * X
-                X = C
+            if split:  # the record's C.add_(X, alpha=a) on CUDA: C + a*X in fp32 (its opmath), rounded once
+                X = (torch.bmm(B, X).float() + torch.tensor(a) * X.float()).bfloat16()
             else:
                 X = torch.baddbmm(X, B, X, beta=a)
         exp = X.mT if tall else X
         got = T.polar_express(G.bfloat16(), split=split)
         assert got.dtype == torch.bfloat16 and torch.equal(got, exp), shape
+        if split:  # the two-rounding form gives another update
+            X = G.bfloat16().mT
+            X = X / (X.norm(dim=(-2, -1), keepdim=True) * 1.02 + 1e-6)
+            for a, b, c in PE_COEFFS:
+                B = torch.baddbmm(*(torch.bmm(X, X.mT),) * 3, beta=b, alpha=c)
+                C = torch.bmm(B, X)
+                C += a * X
+                X = C
+            rel = ((X.mT.float() - got.float()).norm() / got.float().norm()).item()
+            assert rel > 1e-3, rel
     # the qkvo stack goes through the fused form block by block, MLP matrices through the split one
     G = torch.randn(2, 128, 32, generator=gen).bfloat16()
     assert torch.equal(T.orthogonalize_update(G, attn=True),

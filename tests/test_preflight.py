@@ -1,6 +1,8 @@
 """tools/preflight.py at the tiny size: the checks pass on this trainer, and they fail, naming
 the problem, on a copy of it with a host-device sync and a recompile put into the step."""
+import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ def preflight(*args):
 
 
 def test_preflight_passes_on_the_trainer():
-    code, out = preflight()
+    code, out = preflight("--roofline")
     assert code == 0, out[-3000:]
     for line in ("graph breaks: 0", "recompiles in the timed run: 0", "host-device syncs per training step: 0",
                  "FP8 lm_head op bodies (forward + backward): 0 host-device syncs", "preflight: OK"):
@@ -24,6 +26,56 @@ def test_preflight_passes_on_the_trainer():
     for k in (3, 2, 1):
         assert f"loss head with {k} prediction(s): backward 1 (bfloat16), forward 0 (none)" in out
     assert "graphs compiled in the warm-up: " in out and "normuon_apply_" in out and "adam_update" in out
+    # the roofline lines, in the form scripts read (the fused head: 2 + 2 x 2 + 2 x 1 bytes)
+    assert "loss head (T, V) traffic per training micro-batch: 8.0 bytes/element (forward 8.0, backward 0.0)" in out
+    assert re.search(r"^roofline step ms \(H100 SXM model\): stage 1: [0-9.]+, stage 2: [0-9.]+, "
+                     r"stage 3: [0-9.]+, extension: [0-9.]+$", out, re.M), out[-2000:]
+    assert "(T, V) tensors saved for the backward: float8_e5m2 (T, V), float8_e5m2 (V, T)" in out
+    assert ("MLP (T, 4d) traffic per layer per training micro-batch: 6.0 bytes/element (forward 2.0, "
+            "backward 4.0); (T, 4d) tensors saved for the backward per layer: 1") in out
+
+
+def load_preflight():
+    spec = importlib.util.spec_from_file_location("preflight_under_test", REPO / "tools" / "preflight.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kernel_model_counts_the_loss_heads_traffic_as_counted_by_hand():
+    """The preflight's kernel model on the two loss heads, traced on meta as the model's graph
+    is: bytes per (T, V) element, every write and every non-matmul read. By hand, unfused:
+    the FP8 matmul writes bf16 logits (2), the loss reads them (2); its backward reads them
+    (2) and writes a bf16 gradient (2), which one fused kernel reads (2) to write the e5m2
+    copy and its transpose (1 + 1) that the two FP8 matmuls read. Fused: the matmul's 2, the
+    kernel's two reads (2 + 2) and two e5m2 writes (1 + 1); a backward of matmuls only."""
+    import torch
+
+    pf = load_preflight()
+    tg = pf.tg
+    T, V, d = 96, 640, 32
+
+    def unfused(x, w, t, wt):
+        return tg.mtp_loss(tg.fp8_mm(x, w, tg.FP8_X_SCALE, tg.FP8_W_SCALE, tg.FP8_GRAD_SCALE)[0], t, wt)
+
+    def fused(x, w, t, wt):
+        return tg.fused_loss_head(x, w, t, wt, 0.125)
+
+    found = {}
+    for head in (unfused, fused):
+        rec = pf.GraphRecorder()
+        f = torch.compile(head, backend=rec.backend_for(head.__name__), fullgraph=True, dynamic=False)
+        x = torch.empty(T, d, dtype=torch.bfloat16, device="meta", requires_grad=True)
+        w = torch.empty(V, d, dtype=torch.bfloat16, device="meta", requires_grad=True)
+        (f(x, w, torch.empty(T, dtype=torch.int64, device="meta"), torch.empty(3, device="meta")) * 0.125).backward()
+        graphs = {kind: gm for _, _, kind, gm in rec.graphs}
+        aliases = pf.saved_aliases(graphs["forward"])
+        found[head.__name__] = tuple(pf.tv_traffic(pf.graph_kernels(graphs[k], aliases=aliases), T, V)
+                                     for k in ("forward", "backward"))
+        found[head.__name__ + " saved"] = pf.saved_tv(graphs["forward"], T, V)
+    assert found["unfused"] == (4.0, 8.0) and found["fused"] == (8.0, 0.0)
+    assert found["unfused saved"] == ["bfloat16 (T, V)"]
+    assert found["fused saved"] == ["float8_e5m2 (T, V)", "float8_e5m2 (V, T)"]
 
 
 def test_preflight_fails_on_a_sync_and_a_recompile(tmp_path):
@@ -42,3 +94,31 @@ def test_preflight_fails_on_a_sync_and_a_recompile(tmp_path):
     last = out.strip().splitlines()[-1]
     assert last.startswith("preflight: FAILED") and "recompile(s) in the timed run" in last, last
     assert "host-device sync(s) in training steps" in last, last
+
+
+def test_kernel_model_counts_the_mlps_traffic_as_counted_by_hand():
+    """The same for one MLP, per (T, 4d) element. By hand, unfused: the matmul writes the
+    pre-activation (2), a kernel reads it (2) and writes relu of it (2, kept for the
+    backward) and h (2); in the backward the matmul writes dh (2), a kernel reads dh and the
+    kept relu (2 + 2) and writes d(pre) (2). Fused: the matmul writes h (2); the backward's
+    matmul reads h in its epilogue (2) and writes d(pre) (2). Kept for the backward: relu of
+    the pre-activation and h, then h alone."""
+    import torch
+
+    pf = load_preflight()
+    tg = pf.tg
+    T, d = 64, 32
+    found = {}
+    for mlp in (tg.unfused_mlp, tg.fused_mlp):
+        rec = pf.GraphRecorder()
+        f = torch.compile(mlp, backend=rec.backend_for(mlp.__name__), fullgraph=True, dynamic=False)
+        x, c_fc, c_proj = (torch.empty(*shape, dtype=torch.bfloat16, device="meta", requires_grad=True)
+                           for shape in ((T, d), (4 * d, d), (4 * d, d)))
+        f(x, c_fc, c_proj).sum().backward()
+        graphs = {kind: gm for _, _, kind, gm in rec.graphs}
+        aliases = pf.saved_aliases(graphs["forward"])
+        found[mlp.__name__] = tuple(pf.tv_traffic(pf.graph_kernels(graphs[k], aliases=aliases), T, 4 * d)
+                                    for k in ("forward", "backward"))
+        found[mlp.__name__ + " saved"] = len(pf.saved_tv(graphs["forward"], T, 4 * d))
+    assert found["unfused_mlp"] == (8.0, 8.0) and found["fused_mlp"] == (2.0, 4.0)
+    assert found["unfused_mlp saved"] == 2 and found["fused_mlp saved"] == 1

@@ -530,3 +530,72 @@ def test_resume_after_the_warm_up_continues_from_the_checkpoint(tmp_path):
         assert torch.equal(a.train_step(step), b.train_step(step)), step
     for k, v in a.model.state_dict().items():
         assert torch.equal(v, b.model.state_dict()[k]), k
+
+
+# --- a process that dies or hangs mid-run ---------------------------------------------
+
+DYING = ["--preset=tiny", "--num_scheduled_iterations=10", "--num_extension_iterations=1", "--val_loss_every=0",
+         "--checkpoint_every=2"]
+
+
+def start_two_ranks(tmp_path, run_id):
+    """Two gloo processes of an 11-step tiny run (checkpoints every 2 steps), started as
+    torchrun would start them; returns the two Popen objects, rank 0 first."""
+    e = env(1)
+    e.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+    args = [*DYING, f"--log_dir={tmp_path}", f"--run_id={run_id}"]
+    return [subprocess.Popen([sys.executable, "train_gpt.py", *args], cwd=REPO, env={**e, "RANK": str(r), "LOCAL_RANK": str(r)},
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+
+
+def wait_for_step(procs, step):
+    """Reads rank 0's console until it has logged `step` (however long that takes)."""
+    for line in procs[0].stdout:
+        if line.startswith(f"step:{step}/"):
+            return
+    raise AssertionError(f"rank 0 ended before step {step}: {procs[0].stderr.read()[-2000:]}")
+
+
+def ended_with(proc, timeout=600):
+    _, err = proc.communicate(timeout=timeout)
+    lines = [l for l in err.splitlines() if l.strip()]
+    return proc.returncode, lines[-1] if lines else "", err
+
+
+@pytest.mark.parametrize("how", ["killed", "hangs"])
+def test_a_dead_or_hung_peer_ends_the_survivor_with_one_line_naming_the_checkpoint(tmp_path, how):
+    """killed: rank 1 gets SIGKILL after step 5; rank 0's next collective fails and it ends
+    with exit code 2 and one `error:` line naming the step and the latest checkpoint, no
+    traceback. hangs: rank 1 is stopped (SIGSTOP), so rank 0 blocks in a collective; a
+    SIGTERM (what torchrun sends) ends it within STOP_GRACE_S with such a line. The named
+    checkpoint then resumes the run on two processes."""
+    import signal
+    procs = start_two_ranks(tmp_path, how)
+    try:
+        wait_for_step(procs, 5)
+        if how == "killed":
+            procs[1].kill()
+        else:
+            procs[1].send_signal(signal.SIGSTOP)  # rank 0 blocks in its next collective
+            procs[0].send_signal(signal.SIGTERM)
+        code, last, err = ended_with(procs[0])
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert code == 2, err[-3000:]
+    assert "Traceback" not in err, err[-3000:]
+    words = (r"a peer process stopped or its connection closed at step \d+ \(.+\)" if how == "killed" else
+             rf"stopped by SIGTERM at step \d+, still waiting for another process {tg.STOP_GRACE_S:.0f}s later "
+             r"\(a peer process stopped or hangs\)")
+    m = re.fullmatch(rf"error: {words}; resume with --resume=(\S+)", last)
+    assert m, last
+    assert (tmp_path / f"{how}.txt").read_text().splitlines()[-1] == last
+    ckpt = Path(m[1])
+    assert int(re.search(r"at step (\d+)", last)[1]) >= 5
+    assert ckpt == max(tmp_path.glob(f"{how}.step*.pt"))  # the latest checkpoint
+    if how == "killed":
+        out = run_train([*DYING, f"--log_dir={tmp_path}", "--run_id=again", f"--resume={ckpt}"], nproc=2)
+        assert f"resumed from {ckpt}" in out
+        vals, _ = parse(out)
+        assert vals and vals[-1][0] == 11

@@ -9,7 +9,9 @@ settle steps instead: the "settle s" column), ms per step per stage (and per GPU
 per-rank load of an 8-GPU run: one process does all 8 micro-batches, so that figure is
 the step / 8), tokens/s, model FLOPs utilization against 989 TFLOP/s bf16 per H100,
 peak memory; then pass/fail checks: attention backends vs the SDPA reference, FP8 lm_head
-vs a bf16 linear, Triton symmetric kernels vs torch (and their speed), that a training
+vs a bf16 linear, the fused loss head and the fused MLP vs the unfused ones (and both
+timings per stage),
+Triton symmetric kernels vs torch (and their speed), that a training
 step never waits for the GPU (no host-device sync), and that an optimizer step ran.
 Extra flags are Hyperparameters overrides (see train_gpt.py --help).
 """
@@ -188,7 +190,7 @@ def check_attention(device) -> bool:
     ref = tg.attention_sdpa(q.float(), k.float(), v.float(), cu, T, 384, 0.12)
     ok = True
     for name in tg.ATTENTION_BACKENDS:
-        fn, why = tg._try_backend(name, device)
+        fn, why, _ = tg._try_backend(name, device)
         if fn is None:
             print(f"[SKIP] attention {name}: {why}")
             continue
@@ -220,6 +222,34 @@ def check_fp8(device) -> bool:
     print(f"[{'PASS' if ok else 'FAIL'}] FP8 lm_head vs fp32 linear: relative error out {errs[0]:.3f}, "
           f"grad_x {errs[1]:.3f}, grad_w {errs[2]:.3f} (tolerance 0.1)")
     return ok
+
+
+def check_fused_kernels(device, args) -> bool:
+    """The fused loss head and MLP (train_gpt 2d, 2e) against float64 and the unfused paths
+    (tests/fused_kernels_check.py, record shapes included), then ms per forward + backward
+    of each path at every stage's shapes."""
+    ok, why = tg.triton_available(device, "fused kernels")
+    if not ok:
+        print(f"[SKIP] fused loss head and MLP: {why}")
+        return True
+    import subprocess
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tests" / "fused_kernels_check.py")],
+                         capture_output=True, text=True)
+    print(res.stdout, end="")
+    good = res.returncode == 0
+    print(f"[{'PASS' if good else 'FAIL'}] fused loss head and MLP vs float64 and the unfused paths")
+    V = tg.next_multiple_of_n(args.vocab_size, 128)
+    fp8 = tg.fp8_supported(device)[0]
+    for name, first in zip(["stage 1", "stage 2", "stage 3", "extension"], stage_starts(args)):
+        T = tg.batch_size_at(first, args) // tg.VIRTUAL_RANKS
+        K = len(tg.mtp_weights(first, args))
+        timed = [("MLP", tg.time_mlps(T, args.model_dim, device))]
+        if fp8:  # the fused head is the FP8 head's
+            timed.append((f"loss head (K={K})", tg.time_loss_heads(T, args.model_dim, V, K, 1 / tg.VIRTUAL_RANKS, device)))
+        for what, (fused_ms, unfused_ms) in timed:
+            print(f"{what} fwd+bwd {name} (T={T}): fused {fused_ms:.3f} ms, unfused {unfused_ms:.3f} ms "
+                  f"({unfused_ms / fused_ms:.2f}x)")
+    return good
 
 
 def check_triton(device) -> bool:
@@ -276,7 +306,7 @@ def main():
             write_synthetic_shards(folder, need, args.val_tokens + 1)
             print(f"synthetic shards: {need:,} train tokens in {time.perf_counter() - t:.1f}s")
             args.train_files, args.val_files = str(folder / "synth_train_*.bin"), str(folder / "synth_val_*.bin")
-        results = [check_attention(device), check_fp8(device), check_triton(device),
+        results = [check_attention(device), check_fp8(device), check_fused_kernels(device, args), check_triton(device),
                    bench_training(args, device, ns.steps, ns.profile)]
     print("ALL CHECKS PASSED" if all(results) else "SOME CHECKS FAILED")
     sys.exit(0 if all(results) else 1)

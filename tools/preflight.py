@@ -33,6 +33,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import operator
+import os
 import re
 import sys
 import tempfile
@@ -45,12 +47,15 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+COMPARED_ENV = "PREFLIGHT_COMPARED"  # set in the --roofline --script child: it checks the other script
 
 
 def _import_trainer():
     """train_gpt.py of this repository, or the file given by --script=PATH (to compare an
     edit with an earlier version: the same checks on both)."""
     script = next((a.split("=", 1)[1] for a in sys.argv[1:] if a.startswith("--script=")), None)
+    if "--roofline" in sys.argv[1:] and not os.environ.get(COMPARED_ENV):
+        script = None  # --roofline --script=OTHER: this one here, OTHER in a child process
     if script is None:
         import train_gpt
         return train_gpt
@@ -152,6 +157,7 @@ class DeviceOps(TorchDispatchMode):
         self.kernels = 0
         self.ops = Counter()
         self.syncs = []
+        self.records = []  # a roofline Kernel per counted op
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -171,6 +177,13 @@ class DeviceOps(TorchDispatchMode):
         if on_device and func not in VIEW_OPS:
             self.kernels += 1
             self.ops[str(func.overloadpacket)] += 1
+            tensors = [x for x in flat if isinstance(x, torch.Tensor)]
+            if "c10d" in str(func):  # communication: not in the roofline model
+                return out
+            k = Kernel(str(func), read=[_size(t) for t in tensors], written=[_size(out)])
+            if func in MATMUL_OPS:
+                k.flops, k.operands, k.read = _matmul_flops(func, list(args)), k.read, []
+            self.records.append(k)
         return out
 
 
@@ -217,6 +230,195 @@ def graph_ops(gm) -> int:
     """Operations of an FX graph that would be kernels unfused (views excluded)."""
     return sum(1 for n in gm.graph.nodes if n.op == "call_function" and n.target not in VIEW_OPS
                and not str(n.target).startswith("<built-in"))
+
+
+# --------------------------------------------------------------------------------------
+# The roofline model (--roofline) and the loss head's (T, V) traffic
+# --------------------------------------------------------------------------------------
+# A model, not a measurement: each kernel of a step takes max(FLOPs / peak, bytes moved /
+# bandwidth, a floor per kernel) at the efficiencies below, and the step is their sum.
+# Kernels come from the graphs torch.compile records (forward and backward of a micro-batch,
+# the compiled optimizer pieces) and the optimizer's eager ops. A matmul, an attention call
+# or a hand-written kernel is one kernel; a custom op of train_gpt is expanded into the ops
+# of its body (compiled on CUDA); the elementwise and reduction ops between them fuse, as
+# inductor fuses them, into one kernel per connected group that no such kernel separates.
+# A kernel reads each tensor it gets from another kernel (or the graph's inputs) once and
+# writes each tensor it hands on once. Communication is not modelled.
+H100_SXM = dict(bf16=989e12, fp8=1979e12, bandwidth=3.35e12)
+ROOFLINE_EFFICIENCY = dict(matmul=0.75, attention=0.6, bandwidth=0.85, min_kernel_us=2.0)
+MATMUL_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten._scaled_mm.default}
+ATTENTION_FLOPS = {"preflight::varlen_attention": 4.0, "preflight::varlen_attention_backward": 10.0}  # per pair, dim
+
+
+class Kernel:
+    """One kernel of the model: its FLOPs and the (numel, bytes) of each tensor it reads as
+    a matmul operand (streamed through the tensor cores), reads otherwise, and writes."""
+
+    def __init__(self, what, flops=0.0, fp8=False, attention=False, operands=(), read=(), written=()):
+        self.what, self.flops, self.fp8, self.attention = what, flops, fp8, attention
+        self.operands, self.read, self.written = list(operands), list(read), list(written)
+
+    def seconds(self) -> float:
+        eff = ROOFLINE_EFFICIENCY
+        peak = H100_SXM["fp8" if self.fp8 else "bf16"] * eff["attention" if self.attention else "matmul"]
+        moved = sum(b for _, b in self.operands + self.read + self.written)
+        return max(self.flops / peak, moved / (H100_SXM["bandwidth"] * eff["bandwidth"]), eff["min_kernel_us"] * 1e-6)
+
+
+def _size(v) -> tuple[int, int]:
+    ts = [t for t in torch.utils._pytree.tree_leaves(v) if isinstance(t, torch.Tensor)]
+    return sum(t.numel() for t in ts), sum(t.numel() * t.element_size() for t in ts)
+
+
+def _matmul_flops(target, vals) -> float:
+    if target in (aten._scaled_mm.default, aten.mm.default):
+        (m, k), n = vals[0].shape, vals[1].shape[1]
+    elif target is aten.addmm.default:
+        (m, k), n = vals[1].shape, vals[2].shape[1]
+    else:
+        a, b = (vals[0], vals[1]) if target is aten.bmm.default else (vals[1], vals[2])
+        return 2.0 * a.shape[0] * a.shape[1] * a.shape[2] * b.shape[2]
+    return 2.0 * m * n * k
+
+
+def _op_name(n) -> str:
+    return str(getattr(n.target, "_schema", n.target)).split("(")[0]
+
+
+def _is_view(n) -> bool:
+    return n.op == "call_function" and (n.target in VIEW_OPS or n.target is operator.getitem)
+
+
+def _root(n):
+    """The node whose memory a view (of a view ...) reads."""
+    while _is_view(n):
+        n = next(a for a in n.all_input_nodes)
+    return n
+
+
+def _alias_root(n):
+    """The node a view (of a view ...) aliases; an element of a multi-output op is its own."""
+    while n.op == "call_function" and n.target in VIEW_OPS:
+        n = next(a for a in n.all_input_nodes)
+    return n
+
+
+def saved_aliases(forward_gm) -> dict:
+    """Names of the forward graph's outputs that view another output's memory (autograd can
+    save one tensor twice, e.g. relu's result and its detached alias): name -> the root's."""
+    out = next(n for n in forward_gm.graph.nodes if n.op == "output")
+    return {a.name: _alias_root(a).name for a in torch.utils._pytree.tree_leaves(out.args)
+            if isinstance(a, torch.fx.Node) and _alias_root(a) is not a}
+
+
+def graph_kernels(gm, attention_pairs=None, aliases=None) -> list[Kernel]:
+    """The kernels of an FX graph of aten ops with meta values, by the rules above.
+    attention_pairs(window, positions) -> the (query, key) pairs one attention call scores;
+    aliases: a backward graph's inputs that are one tensor (saved_aliases of its forward)."""
+    is_view = _is_view
+    placeholders = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
+
+    def root(n):
+        n = _root(n)
+        return placeholders.get((aliases or {}).get(n.name), n) if n.op == "placeholder" else n
+
+    ops = [n for n in gm.graph.nodes if n.op == "call_function" and not is_view(n) and "val" in n.meta]
+    inputs = {n: [(root(a), a) for a in n.all_input_nodes] for n in ops}
+    extern = {n for n in ops if n.target in MATMUL_OPS or "::" in _op_name(n) and not _op_name(n).startswith("aten::")}
+    depth = {}  # how many such kernels lie on the longest path to a node
+    for n in ops:
+        depth[n] = max((depth.get(r, 0) + (r in extern) for r, _ in inputs[n]), default=0)
+    parent = {n: n for n in ops if n not in extern}
+
+    def group(n):
+        if n not in parent:
+            return n
+        while parent[n] is not n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    for n in parent:
+        for r, _ in inputs[n]:
+            if r in parent and depth[r] == depth[n]:
+                parent[group(r)] = group(n)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    final = {root(a) for a in out.all_input_nodes}
+    merged = True
+    while merged:  # a group whose results only one later group reads is inlined into it
+        merged = False
+        readers = {}
+        for n in ops:
+            for r, _ in inputs[n]:
+                if group(r) is not group(n):
+                    readers.setdefault(group(r), set()).add(n if n in extern else group(n))
+        for g, rs in readers.items():
+            (only,) = rs if len(rs) == 1 else (None,)
+            if g in parent and only in parent and not any(group(f) is g for f in final):
+                parent[g] = only
+                merged = True
+                break
+    handed_on = set()  # values some other kernel (or the graph's output) reads
+    for n in ops:
+        for r, via in inputs[n]:
+            if group(r) is not group(n):
+                handed_on.add(r)
+    handed_on |= {root(a) for a in out.all_input_nodes}
+    kernels, reads = {}, {}
+    for n in ops:
+        g = group(n)
+        if n in extern:
+            name = _op_name(n)
+            if name.startswith("train_gpt::"):
+                kernels[g] = _custom_op_kernels(n, name, attention_pairs)
+                continue
+            k = Kernel(name, read=[_size(via.meta["val"]) for _, via in inputs[n]], written=[_size(n.meta["val"])])
+            vals = [a.meta["val"] if isinstance(a, torch.fx.Node) else a for a in n.args]
+            if n.target in MATMUL_OPS:
+                k.flops, k.fp8 = _matmul_flops(n.target, vals), n.target is aten._scaled_mm.default
+                k.operands, k.read = k.read, []
+            elif name in ATTENTION_FLOPS and attention_pairs is not None:
+                q = vals[1] if name.endswith("backward") else vals[0]
+                k.flops = ATTENTION_FLOPS[name] * attention_pairs(vals[-2], q.shape[0]) * q.shape[1] * q.shape[2]
+                k.attention = True
+            kernels[g] = [k]
+            continue
+        k = kernels.setdefault(g, [Kernel("fused elementwise/reduction")])[0]
+        for r, via in inputs[n]:
+            size = _size(via.meta["val"])
+            if group(r) is not g and (g, r, size) not in reads:  # each tensor (or part) read once
+                reads[(g, r, size)] = True
+                k.read.append(size)
+        if n in handed_on:
+            k.written.append(_size(n.meta["val"]))
+    return [k for ks in kernels.values() for k in ks]
+
+
+def _meta_like(v):
+    """A plain meta tensor of a (fake) value's shape, strides and dtype."""
+    return torch.empty_strided(v.shape, v.stride(), dtype=v.dtype, device="meta") if isinstance(v, torch.Tensor) else v
+
+
+def _custom_op_kernels(node, name, attention_pairs) -> list[Kernel]:
+    """A train_gpt custom op: a declared hand-written kernel, or the kernels of its body."""
+    vals = [_meta_like(a.meta["val"]) if isinstance(a, torch.fx.Node) else a for a in node.args]
+    if name == "train_gpt::mtp_loss_grad_e5m2":  # hand-written: what its code moves per (T, V) element
+        per, numel = tg.MTP_KERNEL_BYTES_PER_ELEMENT, vals[0].numel()
+        return [Kernel(name, read=[(numel, per["read"] * numel)], written=[(numel, per["write"] * numel)])]
+    if name in ("train_gpt::mlp_up_relu2", "train_gpt::mlp_down_relu2_grad"):  # x @ w^T, an epilogue
+        x, w = vals[0], vals[1]
+        return [Kernel(name, flops=2.0 * x.shape[0] * w.shape[0] * x.shape[1], operands=[_size(x), _size(w)],
+                       read=[_size(v) for v in vals[2:]], written=[_size(node.meta["val"])])]
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    body = torch._library.custom_ops.OPDEFS[name]._init_fn
+    return graph_kernels(make_fx(body)(*vals), attention_pairs)
+
+
+def tv_traffic(kernels, T: int, V: int) -> float:
+    """Bytes per element that kernels move in tensors of T x V elements: every write, and
+    every read but a matmul's operands (they stream through the tensor cores)."""
+    return sum(b for k in kernels for n, b in k.read + k.written if n == T * V) / (T * V)
 
 
 # --------------------------------------------------------------------------------------
@@ -384,7 +586,46 @@ def fused_kernels_per_optimizer_graph() -> dict:
     return counts
 
 
-def run(args, step_ms, kernels: bool) -> int:
+def attention_pairs_of(cu: torch.Tensor, T: int):
+    """attention_pairs for graph_kernels: pairs a call with `positions` rows scores in this
+    micro-batch (2T rows: paired heads, documents doubled)."""
+    cache = {}
+
+    def pairs(window, positions):
+        key = (window, positions)
+        if key not in cache:
+            cache[key] = bench.attended_keys(cu * (positions // T), positions, window)
+        return cache[key]
+    return pairs
+
+
+def saved_tv(forward_gm, T: int, V: int) -> list[str]:
+    """The forward graph's outputs of T x V elements (each tensor once, not its aliases):
+    what the backward keeps of them."""
+    out = next(n for n in forward_gm.graph.nodes if n.op == "output")
+    roots = dict.fromkeys(_alias_root(a) for a in torch.utils._pytree.tree_leaves(out.args)
+                          if isinstance(a, torch.fx.Node))
+    vals = [r.meta.get("val") for r in roots]
+    return [f"{str(v.dtype).removeprefix('torch.')} ({'T, V' if v.shape[0] == T else 'V, T'})"
+            for v in vals if isinstance(v, torch.Tensor) and v.numel() == T * V]
+
+
+def roofline_lines(per_step) -> list[str]:
+    """The two machine-readable lines: the loss head's (T, V) traffic (a stage-3 step) and
+    the modelled step time of each stage (mean over its traced steps, even and odd)."""
+    s3 = [s for s in per_step if s["stage"] == 2]
+    fwd, bwd = s3[-1]["tv_traffic"]
+    by_stage = {}
+    for s in per_step:
+        by_stage.setdefault(s["stage"], []).append(s["roofline_ms"])
+    names = ["stage 1", "stage 2", "stage 3", "extension"]
+    return [f"loss head (T, V) traffic per training micro-batch: {fwd + bwd:.1f} bytes/element "
+            f"(forward {fwd:.1f}, backward {bwd:.1f})",
+            "roofline step ms (H100 SXM model): " + ", ".join(
+                f"{names[k]}: {sum(v) / len(v):.1f}" for k, v in sorted(by_stage.items()))]
+
+
+def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
     world_size = tg.VIRTUAL_RANKS
     recorder = GraphRecorder()
     problems = []
@@ -401,6 +642,10 @@ def run(args, step_ms, kernels: bool) -> int:
             trainer = tg.Trainer(args, 0, world_size, torch.device("meta"), lambda *a, **k: None)
             trainer.model.attn_fn = attention_stand_in
             trainer.model.use_fp8 = True
+            if hasattr(trainer.model, "fused_loss"):  # the fused head, as a GPU run takes it where faster
+                trainer.model.fused_loss = args.fused_loss != "off"
+            if hasattr(trainer.model, "set_fused_mlp"):  # likewise the fused MLP
+                trainer.model.set_fused_mlp(args.fused_mlp != "off")
             trainer.opt.muon.ortho_dtype = torch.bfloat16
             try:
                 trainer.warmup()
@@ -408,6 +653,7 @@ def run(args, step_ms, kernels: bool) -> int:
                 trainer.restart_data()
                 trainer.model.set_windows(*tg.windows_at(0, args))
                 per_step = []
+                V_pad = tg.next_multiple_of_n(args.vocab_size, 128)
                 for step in steps:
                     if step == 0 or step == steps[len(steps) // 2]:
                         trainer.validate(max_steps=1)
@@ -424,7 +670,8 @@ def run(args, step_ms, kernels: bool) -> int:
                             with DeviceOps(recorder) as inner:
                                 real_step(*a, **k)
                             opt_ops = (inner.kernels, [recorder.calls[i] for i in range(calls_before,
-                                                                                       len(recorder.calls))])
+                                                                                       len(recorder.calls))],
+                                       inner.records)
                         trainer.opt.step = counted_step
                         trainer.train_step(step)
                         trainer.opt.step = real_step
@@ -435,12 +682,30 @@ def run(args, step_ms, kernels: bool) -> int:
                     micro = sum(graph_ops(recorder.graphs[i][3]) for _, _, i in model_calls) / trainer.grad_accum
                     opt_graph_ops = sum(graph_ops(recorder.graphs[i][3]) for _, _, i in opt_ops[1])
                     opt_graph_names = Counter(name for name, _, _ in opt_ops[1])
+                    batches = [b for b in cpu_batches if len(b) == 3]
                     flops = world_size * sum(bench.step_flops(trainer.model, args, [(inp.numel(), cu)], step)
-                                             for inp, _, cu in (b for b in cpu_batches if len(b) == 3))
-                    per_step.append(dict(step=step, stage=tg.stage(step, args), syncs=ops.syncs, micro=micro,
-                                         opt_eager=opt_ops[0], opt_graphs=len(opt_ops[1]), opt_graph_ops=opt_graph_ops,
-                                         opt_graph_names=opt_graph_names,
-                                         flops=flops))
+                                             for inp, _, cu in batches)
+                    entry = dict(step=step, stage=tg.stage(step, args), syncs=ops.syncs, micro=micro,
+                                 opt_eager=opt_ops[0], opt_graphs=len(opt_ops[1]), opt_graph_ops=opt_graph_ops,
+                                 opt_graph_names=opt_graph_names, flops=flops)
+                    if roofline:
+                        T = batches[0][0].numel()
+                        pairs = attention_pairs_of(batches[0][2], T)
+                        fwd = [k for _, kind, i in model_calls if kind == "forward"
+                               for k in graph_kernels(recorder.graphs[i][3], pairs)]
+                        aliases = saved_aliases(recorder.graphs[next(i for _, kind, i in model_calls
+                                                                     if kind == "forward")][3])
+                        bwd = [k for _, kind, i in model_calls if kind == "backward"
+                               for k in graph_kernels(recorder.graphs[i][3], pairs, aliases)]
+                        opt = opt_ops[2] + [k for _, _, i in opt_ops[1] for k in graph_kernels(recorder.graphs[i][3])]
+                        entry["roofline_ms"] = 1000 * sum(k.seconds() for k in fwd + bwd + opt)
+                        entry["tv_traffic"] = (tv_traffic(fwd, T, V_pad), tv_traffic(bwd, T, V_pad))
+                        entry["saved"] = saved_tv(recorder.graphs[model_calls[0][2]][3], T, V_pad)
+                        H4 = 4 * args.model_dim  # the MLP's hidden width: (T, 4d) tensors, per layer
+                        entry["mlp_traffic"] = (tv_traffic(fwd, T, H4) / args.num_layers,
+                                                tv_traffic(bwd, T, H4) / args.num_layers)
+                        entry["mlp_saved"] = len(saved_tv(recorder.graphs[model_calls[0][2]][3], T, H4)) / args.num_layers
+                    per_step.append(entry)
                 trainer.model.set_windows(*tg.final_windows(args), yarn=False)
                 trainer.validate(max_steps=1)
                 fp8_syncs, fp8_kernels = fp8_head_bodies(recorder, args)
@@ -495,6 +760,21 @@ def run(args, step_ms, kernels: bool) -> int:
         ms = step_ms[k]
         mfu = s["flops"] / (ms / 1000) / (world_size * bench.H100_BF16_FLOPS)
         print(f"{k + 1:>6} {s['flops']:>12.3e} {ms:>8.1f} {100 * mfu:>5.1f}%")
+    if roofline:
+        eff = ROOFLINE_EFFICIENCY
+        print(f"roofline model: H100 SXM {H100_SXM['bf16'] / 1e12:.0f} TFLOP/s bf16, {H100_SXM['fp8'] / 1e12:.0f} FP8, "
+              f"{H100_SXM['bandwidth'] / 1e12:.2f} TB/s; assumed efficiency: matmuls {eff['matmul']:.0%}, attention "
+              f"{eff['attention']:.0%}, bandwidth {eff['bandwidth']:.0%}, at least {eff['min_kernel_us']:.0f} us per "
+              f"kernel; communication not modelled (a model, not a measurement)")
+        s3 = next(s for s in reversed(per_step) if s["stage"] == 2)
+        print(f"(T, V) tensors saved for the backward: {', '.join(s3['saved']) or 'none'}")
+        fwd, bwd = s3["mlp_traffic"]
+        print(f"MLP (T, 4d) traffic per layer per training micro-batch: {fwd + bwd:.1f} bytes/element "
+              f"(forward {fwd:.1f}, backward {bwd:.1f}); (T, 4d) tensors saved for the backward per layer: "
+              f"{s3['mlp_saved']:g}")
+        _last_roofline_lines[:] = roofline_lines(per_step)
+        for line in _last_roofline_lines:
+            print(line)
     if kernels:
         fused, extern = fused_kernels_per_micro_batch(args)
         print(f"kernels per training micro-batch (inductor, CPU code, tiny size): {fused} fused + {extern} extern")
@@ -513,11 +793,42 @@ def run(args, step_ms, kernels: bool) -> int:
     return 0
 
 
+_last_roofline_lines = []  # this script's two roofline lines, for compare_roofline
+
+
+def compare_roofline(script: str, rest: list[str]) -> int:
+    """--roofline --script=OTHER: the same preflight of OTHER in a child process, its two
+    roofline lines, and the ratios of this script's figures to OTHER's."""
+    import subprocess
+
+    mine = _last_roofline_lines
+    child = subprocess.run([sys.executable, __file__, "--roofline", f"--script={script}", *rest],
+                           env={**os.environ, COMPARED_ENV: "1"}, capture_output=True, text=True)
+    theirs = [l for l in child.stdout.splitlines() if l.startswith(("loss head (T, V) traffic", "roofline step ms"))]
+    print(f"--script={script}:")
+    if child.returncode != 0 or len(theirs) != 2:
+        print(child.stdout[-2000:] + child.stderr[-2000:])
+        print("preflight: FAILED: the --script run did not finish")
+        return 1
+    for line in theirs:
+        print(line)
+    num = lambda line: [float(x) for x in re.findall(r": (\d+\.\d+)", line)]  # noqa: E731
+    traffic = num(mine[0])[0] / num(theirs[0])[0]
+    stages = [a / b for a, b in zip(num(mine[1]), num(theirs[1]))]
+    names = ["stage 1", "stage 2", "stage 3", "extension"]
+    print(f"ratio (this script / --script): loss head traffic {traffic:.2f}, roofline step "
+          + ", ".join(f"{n} {r:.3f}" for n, r in zip(names, stages)))
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--step_ms", default=",".join(map(str, RECORD_STEP_MS)),
                     help="ms per step of the three stages, for the MFU (default: the record's)")
     ap.add_argument("--kernels", action="store_true", help="also count inductor's fused kernels (slow)")
+    ap.add_argument("--roofline", action="store_true",
+                    help="also the loss head's (T, V) traffic and a modelled step time per stage (H100 SXM); "
+                         "with --script, for both scripts and their ratios")
     ap.add_argument("--script", default=None, help="check this train_gpt.py instead of the repository's")
     known, rest = ap.parse_known_args(argv)
     try:
@@ -528,7 +839,10 @@ def main(argv=None) -> int:
     except (tg.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run(args, step_ms, known.kernels)
+    if not known.roofline or known.script is None or os.environ.get(COMPARED_ENV):
+        return run(args, step_ms, known.kernels, known.roofline)
+    code = run(args, step_ms, known.kernels, True)
+    return max(code, compare_roofline(known.script, rest))
 
 
 if __name__ == "__main__":

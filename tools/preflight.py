@@ -3,6 +3,7 @@
     python tools/preflight.py                   # the record configuration (8x H100 run, rank 0)
     python tools/preflight.py --preset tiny     # the same checks at the tiny size (CI runs this)
     python tools/preflight.py --kernels         # also inductor's fused kernel count (slow: minutes)
+    python tools/preflight.py --roofline --script=OTHER/train_gpt.py   # modelled step times, this vs OTHER
 
 A record attempt costs a rented GPU node and ~7 minutes of compiling; an edit that breaks
 the graph, recompiles in the timed run or makes the CPU wait for the GPU shows up here
@@ -22,7 +23,14 @@ first. What it does:
   operations per training micro-batch (forward and backward graphs) and per optimizer
   step (even / odd; eager kernels plus compiled graphs), the (T, V)-sized buffers the
   loss backward writes (from inductor's code for the loss head), FLOPs per step and the
-  MFU a step time implies (--step_ms, default the record's 33.2 / 61.0 / 87.6 ms).
+  MFU a step time implies (--step_ms, default the record's 33.2 / 61.0 / 87.6 ms);
+- with --roofline: the (T, V) traffic of the loss head and the (T, 4d) traffic of an MLP
+  per micro-batch, the tensors they keep for the backward, and a roofline model of the
+  step time per stage on an H100 SXM (see "The roofline model" below); with --script too,
+  the same for the other script in a child process, then the ratios.
+
+The fused loss head and MLP are traced as a GPU run takes them where they are faster
+(--fused_loss=off / --fused_mlp=off trace the unfused paths).
 
 Exit status 1 on a graph break, a recompile in the timed run, a sync in a training step
 or an fp32 / second (T, V) buffer in the loss backward; 0 otherwise. Extra flags are

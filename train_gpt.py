@@ -608,7 +608,7 @@ def fp8_supported(device) -> tuple[bool, str]:
     return True, "FP8 lm_head: on"
 
 
-# --- 2d. Fused loss head: one pass over the logits, its gradient written in FP8 --------
+# --- 2d. Fused loss head: one kernel over the logits, its gradient written in FP8 -----
 # The training head as one op from the final hidden states x (T, d) to the summed
 # multi-token loss. Forward: the FP8 lm_head matmul (bf16 logits, as 2c), then ONE Triton
 # kernel that, per block of rows, reads the logits twice: first for the softcapped
@@ -619,7 +619,7 @@ def fp8_supported(device) -> tuple[bool, str]:
 # Same math as the unfused head (mtp_loss's formulas) up to rounding: the gradient is
 # rounded to e5m2 once, not through bf16 first. Per (T, V) element, counting every write
 # and every non-matmul read: 2 (logits) + 2 + 2 (two reads) + 1 + 1 (two e5m2 layouts) = 8
-# bytes, against 13 for the unfused head.
+# bytes, against 12 for the unfused head (tools/preflight.py --roofline counts both).
 FUSED_LOSS_MAX_K = 3  # multi-token predictions the kernel handles (the weights are padded to it)
 _FUSED_LOSS_META = dict(BLOCK_T=16, BLOCK_V=256, num_warps=8)
 _FUSED_LOSS_INTERPRET_META = dict(BLOCK_T=8, BLOCK_V=64)
@@ -680,7 +680,7 @@ if triton is not None:
         tl.store(loss_out + rows, W * lse - picked, mask=row_ok)
 
 
-def triton_available(device, what: str = "fused loss head") -> tuple[bool, str]:
+def triton_available(device, what: str) -> tuple[bool, str]:
     """(available, reason): a Triton kernel path needs Triton on CUDA (or its CPU interpreter)."""
     device = torch.device(device)
     if triton is None:
@@ -688,6 +688,24 @@ def triton_available(device, what: str = "fused loss head") -> tuple[bool, str]:
     if device.type != "cuda" and not _TRITON_INTERPRET:
         return False, f"{what} needs a CUDA GPU or TRITON_INTERPRET=1 (device is {device.type})"
     return True, ""
+
+
+def fused_loss_available(args, device) -> tuple[bool, str]:
+    """(available, reason) for --fused_loss: Triton, and the FP8 head it fuses (as build_model
+    turns it on: --fp8 not off and a GPU with FP8)."""
+    ok, why = triton_available(device, "fused loss head")
+    if ok and (args.fp8 == "off" or not fp8_supported(device)[0]):
+        return False, "the fused loss head is the FP8 head's, and FP8 is off here"
+    return ok, why
+
+
+def fused_mlp_available(args, device) -> tuple[bool, str]:
+    """(available, reason) for --fused_mlp: Triton, and bf16 activations (build_model keeps
+    float32 ones on CPU)."""
+    ok, why = triton_available(device, "fused MLP")
+    if ok and torch.device(device).type == "cpu":
+        return False, "the fused MLP is for bf16 activations, which the CPU path does not use"
+    return ok, why
 
 
 # what the kernel moves per (T, V) element: reads the bf16 logits twice, writes e5m2 twice
@@ -2603,18 +2621,10 @@ def check_inputs(args: Hyperparameters, world_size: int, rank: int, device: torc
         ok, why = fp8_supported(device)
         if not ok:
             raise ConfigError(f"--fp8=on: {why}")
-    if args.fused_loss == "on":
-        ok, why = triton_available(device)
-        if ok and (args.fp8 == "off" or not fp8_supported(device)[0]):
-            ok, why = False, "the fused loss head is the FP8 head's, and FP8 is off here"
-        if not ok:
-            raise ConfigError(f"--fused_loss=on: {why}")
-    if args.fused_mlp == "on":
-        ok, why = triton_available(device, "fused MLP")
-        if ok and device.type != "cuda":
-            ok, why = False, "the fused MLP is for bf16 activations, which the CPU path does not use"
-        if not ok:
-            raise ConfigError(f"--fused_mlp=on: {why}")
+    for flag, available in (("fused_loss", fused_loss_available), ("fused_mlp", fused_mlp_available)):
+        ok, why = available(args, device)
+        if getattr(args, flag) == "on" and not ok:
+            raise ConfigError(f"--{flag}=on: {why}")
     counts = {}
     for flag, pattern in (("--train_files", args.train_files), ("--val_files", args.val_files)):
         files = list_shards(pattern)
@@ -2838,26 +2848,21 @@ class Trainer:
         """--fused_loss: the fused FP8 loss head (kernels 2d) where it is faster at the
         largest micro-batch of the run (timed before the clock starts)."""
         args, model = self.args, self.model
-        ok, why = triton_available(self.device)
-        if ok and not model.use_fp8:
-            ok, why = False, "the fused loss head is the FP8 head's (FP8 is off)"
         step = max(range(total_steps(args)), key=lambda s: batch_size_at(s, args))
         T = batch_size_at(step, args) // VIRTUAL_RANKS
         K = len(mtp_weights(step, args))
         return choose_fused_path(
-            "fused_loss", args.fused_loss, (ok, why),
+            "fused_loss", args.fused_loss, fused_loss_available(args, self.device),
             lambda: time_loss_heads(T, args.model_dim, model.padded_vocab, K, model.loss_grad_scale, self.device),
             self.rank, self.world_size, self.device, self.log)
 
     def choose_fused_mlp(self) -> bool:
         """--fused_mlp: the MLP's Triton matmuls (kernels 2e) where faster at the largest
         micro-batch of the run with bf16 activations (timed before the clock starts)."""
-        args, model = self.args, self.model
-        ok, why = triton_available(self.device, "fused MLP")
-        if ok and model.act_dtype != torch.bfloat16:
-            ok, why = False, f"the fused MLP is for bf16 activations (here {str(model.act_dtype).removeprefix('torch.')})"
+        args = self.args
         T = max(args.train_batch_sizes) // VIRTUAL_RANKS
-        return choose_fused_path("fused_mlp", args.fused_mlp, (ok, why), lambda: time_mlps(T, args.model_dim, self.device),
+        return choose_fused_path("fused_mlp", args.fused_mlp, fused_mlp_available(args, self.device),
+                                 lambda: time_mlps(T, args.model_dim, self.device),
                                  self.rank, self.world_size, self.device, self.log)
 
     # --- data ---

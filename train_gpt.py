@@ -1,8 +1,11 @@
 """Speedrun GPT trainer: the 11-layer "paired head attention" NanoGPT speedrun model in one file.
 
-Sections follow the data flow: config, kernels, optimizers, model, data, schedules,
-training loop, main(). Importing this module has no side effects; run it with
-`python train_gpt.py` (one process) or `torchrun --nproc_per_node=N train_gpt.py`.
+Sections, one concern each, in the order data flows: 1 config and flags, 2 kernels,
+3 optimizers, 4 schedules, 5 model, 6 data, 7 checks (flags, inputs, resume), 8 files (log,
+model file, checkpoint), 9 training (steps, warm-up, the timed loop), 10 main(). What it
+computes is described in ALGORITHM.md, whose section numbers the comments cite.
+Importing this module has no side effects; run it with `python train_gpt.py` (one process)
+or `torchrun --nproc_per_node=N train_gpt.py`.
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -26,8 +30,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # =====================================================================================
-# 1. Config
+# 1. Config and flags
 # =====================================================================================
+
+# Every hyperparameter is one Hyperparameters field, declared with flag(): its default,
+# its line of --help, the values it allows and whether a resumed run may change it.
+# parse_args (--help, checks), check_resume and the log's config line all read that.
 
 VIRTUAL_RANKS = 8  # every run does the math of 8 ranks: world_size * grad_accum == 8
 REPO_DIR = Path(__file__).resolve().parent  # default data paths are relative to it
@@ -41,68 +49,39 @@ def next_multiple_of_n(v: int, n: int) -> int:
     return ((v + n - 1) // n) * n
 
 
-@dataclass
-class Hyperparameters:
-    # data
-    train_files: str = "data/fineweb10B/fineweb_train_*.bin"
-    val_files: str = "data/fineweb10B/fineweb_val_*.bin"
-    val_tokens: int = 10_485_760
-    val_batch_size: int = 4 * 64 * 1024 * 8  # global tokens per validation step
-    train_max_seq_len: int = 2048
-    # global tokens per step for the three thirds of the scheduled steps; the last one
-    # is also used during the extension steps
-    train_batch_sizes: tuple = (8 * 2048 * 8, 16 * 2048 * 8, 24 * 2048 * 8)
-    # schedule
-    num_scheduled_iterations: int = 1735
-    num_extension_iterations: int = 40
-    cooldown_frac: float = 0.5
-    split_embed_frac: float = 2 / 3
-    lr_multipliers: tuple = (1.0, 1.52, 1.73)
-    lr_final: float = 0.1
-    momentum_min: float = 0.85
-    momentum_max: float = 0.95
-    momentum_warmup_steps: int = 300
-    momentum_cooldown_steps: int = 50
-    val_loss_every: int = 250  # 0 = only at the end
-    # attention windows, in blocks of block_size tokens
-    block_size: int = 128
-    long_windows: tuple = (3, 7, 11)
-    extension_windows: tuple = (6, 13)  # (short, long) during the extension steps
-    final_long_window: int = 20  # long window for the final validation (short stays)
-    # model
-    vocab_size: int = 50257
-    num_layers: int = 11
-    num_heads: int = 6
-    head_dim: int = 128
-    model_dim: int = 768
-    # optimizers
-    muon_lr: float = 0.023
-    muon_weight_decay: float = 1.2
-    muon_beta2: float = 0.95
-    adam_lr: float = 0.008
-    adam_eps: float = 1e-10
-    adam_weight_decay: float = 0.005
-    # run
-    seed: int = 0
-    run_id: str = ""
-    log_dir: str = "logs"
-    device: str = "auto"  # auto | cuda | cpu
-    attn_backend: str = os.environ.get("TRAIN_GPT_ATTN", "auto")  # auto | fa3 | varlen | flex | sdpa
-    fp8: str = "auto"  # auto | on | off
-    compile: str = "auto"  # auto (on for CUDA) | on | off
-    fused_loss: str = "auto"  # auto (timed at start-up on CUDA) | on | off: the fused FP8 loss head
-    fused_mlp: str = "auto"  # auto (timed at start-up on CUDA) | on | off: the MLP's matmuls with relu^2 fused
-    # dtype of the per-rank gradient sums over micro-batches: auto | param | float32 | float64
-    # (auto: float64 on CPU, bitwise the same for 1-8 processes; on GPU float32 with gradient
-    # accumulation, else the parameters' own dtype as in the record)
-    grad_sum_dtype: str = "auto"
-    warmup: bool = True  # when compiling: pre-compile every shape, then reset the state
-    save_model: str = ""  # path: rank 0 saves the final model state_dict there
-    checkpoint_every: int = 0  # steps between checkpoints (0: none); also one at the end and on Ctrl-C
-    resume: str = ""  # a checkpoint to continue from
-    preset: str = "record"
+# Allowed values of a flag: (text for --help and errors, predicate on one value).
+def _choices(*values):
+    return f"one of {', '.join(map(str, values))}", lambda v: v in values
 
 
+def _at_least(lo, hi=None):
+    text = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
+    return text, lambda v: v == v and v >= lo and (hi is None or v <= hi)  # v == v: not NaN
+
+
+def _in_open_closed(lo, hi):
+    return f"in ({lo}, {hi}]", lambda v: lo < v <= hi
+
+
+def _positive():
+    return "> 0", lambda v: v == v and 0 < v < math.inf
+
+
+_ANY = ("any", lambda v: True)
+_BOOL = ("one of true, false", lambda v: isinstance(v, bool))
+_SWITCH = _choices("auto", "on", "off")
+ATTENTION_BACKENDS = ("fa3", "varlen", "flex", "sdpa")  # in the order auto tries them
+GRAD_SUM_DTYPES = ("auto", "param", "float32", "float64")
+
+
+def flag(default, help: str, allowed=_ANY, run_only: bool = False):
+    """A Hyperparameters field that is also the flag --name=value. `allowed` is checked on
+    every value (each one of a tuple); `run_only`: a resumed run may change it, as it says
+    where things go or how they are computed, not what is computed."""
+    return dataclasses.field(default=default, metadata=dict(help=help, allowed=allowed, run_only=run_only))
+
+
+# base values by --preset (the record's are the field defaults); other flags override them
 PRESETS = {
     "record": {},
     # CPU demo: all 11 layers and every layer-specific feature, on the offline sample corpus
@@ -126,86 +105,148 @@ PRESETS = {
 }
 
 
-# Every Hyperparameters field is a flag; FLAGS gives its one line of help and its allowed
-# values, which parse_args enforces (a value outside them is a one-line error, exit code 2).
-def _choices(*values):
-    return f"one of {', '.join(map(str, values))}", lambda v: v in values
-
-
-def _at_least(lo, hi=None):
-    text = f">= {lo}" if hi is None else f"in [{lo}, {hi}]"
-    return text, lambda v: v == v and v >= lo and (hi is None or v <= hi)  # v == v: not NaN
-
-
-def _in_open_closed(lo, hi):
-    return f"in ({lo}, {hi}]", lambda v: lo < v <= hi
-
-
-def _positive():
-    return "> 0", lambda v: v == v and 0 < v < math.inf
-
-
-_ANY = ("any", lambda v: True)
-_BOOL = ("one of true, false", lambda v: isinstance(v, bool))
-ATTENTION_BACKENDS = ("fa3", "varlen", "flex", "sdpa")  # in the order auto tries them
-GRAD_SUM_DTYPES = ("auto", "param", "float32", "float64")
-FLAGS = {
-    "train_files": ("glob of the training shards (default paths are relative to the repository)", _ANY),
-    "val_files": ("glob of the validation shards", _ANY),
-    "val_tokens": ("validation tokens per evaluation, a multiple of --val_batch_size", _positive()),
-    "val_batch_size": ("global tokens per validation step, a multiple of 8", _positive()),
-    "train_max_seq_len": ("longest training sequence; longer documents are cut", _positive()),
-    "train_batch_sizes": ("global tokens per step in each third of the schedule (the last also in the "
-                          "extension), multiples of 8", _positive()),
-    "num_scheduled_iterations": ("scheduled steps S (batch, window and lr stages are its thirds)", _at_least(3)),
-    "num_extension_iterations": ("steps after S at the final lr and the extension windows", _at_least(0)),
-    "cooldown_frac": ("fraction of S at the end over which the lr decays", _in_open_closed(0, 1)),
-    "split_embed_frac": ("fraction of S after which embed is untied from lm_head", _in_open_closed(0, 1)),
-    "lr_multipliers": ("lr multiplier of each third of the schedule", _at_least(0)),
-    "lr_final": ("lr multiplier at the end of the cooldown and in the extension", _at_least(0)),
-    "momentum_min": ("Muon momentum at the start and at the very end", _at_least(0, 1)),
-    "momentum_max": ("Muon momentum after the warm-up", _at_least(0, 1)),
-    "momentum_warmup_steps": ("steps of the Muon momentum warm-up", _positive()),
-    "momentum_cooldown_steps": ("last steps over which the Muon momentum falls back", _positive()),
-    "val_loss_every": ("validate every N steps (0: only at the end)", _at_least(0)),
-    "block_size": ("tokens per attention-window block", _positive()),
-    "long_windows": ("long window (blocks) of each third; short = long // 2", _positive()),
-    "extension_windows": ("(short, long) windows in blocks during the extension", _positive()),
-    "final_long_window": ("long window (blocks) of the final validation", _positive()),
+@dataclass
+class Hyperparameters:
+    # --- data ---
+    train_files: str = flag("data/fineweb10B/fineweb_train_*.bin",
+                            "glob of the training shards (default paths are relative to the repository)",
+                            run_only=True)
+    val_files: str = flag("data/fineweb10B/fineweb_val_*.bin", "glob of the validation shards", run_only=True)
+    val_tokens: int = flag(10_485_760, "validation tokens per evaluation, a multiple of --val_batch_size",
+                           _positive())
+    val_batch_size: int = flag(4 * 64 * 1024 * 8, "global tokens per validation step, a multiple of 8",
+                               _positive())
+    train_max_seq_len: int = flag(2048, "longest training sequence; longer documents are cut", _positive())
+    train_batch_sizes: tuple = flag((8 * 2048 * 8, 16 * 2048 * 8, 24 * 2048 * 8),
+                                    "global tokens per step in each third of the schedule (the last also in "
+                                    "the extension), multiples of 8", _positive())
+    # --- schedule (ALGORITHM.md section 4) ---
+    num_scheduled_iterations: int = flag(1735, "scheduled steps S (batch, window and lr stages are its thirds)",
+                                         _at_least(3))
+    num_extension_iterations: int = flag(40, "steps after S at the final lr and the extension windows",
+                                         _at_least(0))
+    cooldown_frac: float = flag(0.5, "fraction of S at the end over which the lr decays", _in_open_closed(0, 1))
+    split_embed_frac: float = flag(2 / 3, "fraction of S after which embed is untied from lm_head",
+                                   _in_open_closed(0, 1))
+    lr_multipliers: tuple = flag((1.0, 1.52, 1.73), "lr multiplier of each third of the schedule", _at_least(0))
+    lr_final: float = flag(0.1, "lr multiplier at the end of the cooldown and in the extension", _at_least(0))
+    momentum_min: float = flag(0.85, "Muon momentum at the start and at the very end", _at_least(0, 1))
+    momentum_max: float = flag(0.95, "Muon momentum after the warm-up", _at_least(0, 1))
+    momentum_warmup_steps: int = flag(300, "steps of the Muon momentum warm-up", _positive())
+    momentum_cooldown_steps: int = flag(50, "last steps over which the Muon momentum falls back", _positive())
+    val_loss_every: int = flag(250, "validate every N steps (0: only at the end)", _at_least(0), run_only=True)
+    # --- attention windows, in blocks of block_size tokens ---
+    block_size: int = flag(128, "tokens per attention-window block", _positive())
+    long_windows: tuple = flag((3, 7, 11), "long window (blocks) of each third; short = long // 2", _positive())
+    extension_windows: tuple = flag((6, 13), "(short, long) windows in blocks during the extension", _positive())
+    final_long_window: int = flag(20, "long window (blocks) of the final validation (short stays)", _positive())
+    # --- model ---
     # above BOS (50256) so that BOS is a token; at most 65536 (uint16 shards)
-    "vocab_size": ("vocabulary size; token ids must be below it", _in_open_closed(50256, 65536)),
-    "num_layers": ("transformer layers (the layer-specific layout needs 11)", _choices(11)),
-    "num_heads": ("attention heads (even: paired heads)", _positive()),
-    "head_dim": ("channels per head, a multiple of 4", _positive()),
-    "model_dim": ("model width = num_heads * head_dim", _positive()),
-    "muon_lr": ("NorMuon learning rate", _at_least(0)),
-    "muon_weight_decay": ("NorMuon cautious weight decay", _at_least(0)),
-    "muon_beta2": ("NorMuon second-moment decay", _at_least(0, 1)),
-    "adam_lr": ("Adam learning rate", _at_least(0)),
-    "adam_eps": ("Adam epsilon", _positive()),
-    "adam_weight_decay": ("Adam cautious weight decay", _at_least(0)),
-    "seed": ("random seed of the initialization", _at_least(0)),
-    "run_id": ("log file name logs/<run_id>.txt (default: a new UUID); never overwritten", _ANY),
-    "log_dir": ("folder of the log files", _ANY),
-    "device": ("where to train", _choices("auto", "cuda", "cpu")),
-    "attn_backend": ("attention kernel (env TRAIN_GPT_ATTN); auto: the first that works",
-                     _choices("auto", *ATTENTION_BACKENDS)),
-    "fp8": ("FP8 lm_head; auto: on when the GPU supports it", _choices("auto", "on", "off")),
-    "compile": ("torch.compile(fullgraph=True); auto: on for CUDA", _choices("auto", "on", "off")),
-    "fused_loss": ("the FP8 loss head as one fused kernel; auto: on CUDA, timed against the unfused head "
-                   "at start-up (the faster is used)", _choices("auto", "on", "off")),
-    "fused_mlp": ("the MLP's first matmul with relu^2 in its epilogue (and its derivative in the backward's); "
-                  "auto: on CUDA, timed against the unfused MLP at start-up", _choices("auto", "on", "off")),
-    "grad_sum_dtype": ("dtype of the gradient sums over micro-batches (see README)",
-                       _choices(*GRAD_SUM_DTYPES)),
-    "warmup": ("when compiling: compile every shape first, then reset the state", _BOOL),
-    "save_model": ("path: rank 0 saves the final model there (reload with load_model)", _ANY),
-    "checkpoint_every": ("write logs/<run_id>.stepNNNNNN.pt every N steps, at the end and on Ctrl-C / SIGTERM "
-                         "(0: never); the last 2 are kept", _at_least(0)),
-    "resume": ("continue from this checkpoint (same configuration and number of processes)", _ANY),
-    "preset": ("base values: record (8x H100) or tiny (CPU demo); other flags override them",
-               _choices(*PRESETS)),
-}
+    vocab_size: int = flag(50257, "vocabulary size; token ids must be below it", _in_open_closed(50256, 65536))
+    num_layers: int = flag(11, "transformer layers (the layer table LAYERS needs 11)", _choices(11))
+    num_heads: int = flag(6, "attention heads (even: paired heads)", _positive())
+    head_dim: int = flag(128, "channels per head, a multiple of 4", _positive())
+    model_dim: int = flag(768, "model width = num_heads * head_dim", _positive())
+    # --- optimizers (ALGORITHM.md section 3) ---
+    muon_lr: float = flag(0.023, "NorMuon learning rate", _at_least(0))
+    muon_weight_decay: float = flag(1.2, "NorMuon cautious weight decay", _at_least(0))
+    muon_beta2: float = flag(0.95, "NorMuon second-moment decay", _at_least(0, 1))
+    adam_lr: float = flag(0.008, "Adam learning rate", _at_least(0))
+    adam_eps: float = flag(1e-10, "Adam epsilon", _positive())
+    adam_weight_decay: float = flag(0.005, "Adam cautious weight decay", _at_least(0))
+    # --- run: where things go and which kernels compute them ---
+    seed: int = flag(0, "random seed of the initialization", _at_least(0))
+    run_id: str = flag("", "log file name logs/<run_id>.txt (default: a new UUID); never overwritten",
+                       run_only=True)
+    log_dir: str = flag("logs", "folder of the log files", run_only=True)
+    device: str = flag("auto", "where to train", _choices("auto", "cuda", "cpu"), run_only=True)
+    attn_backend: str = flag(os.environ.get("TRAIN_GPT_ATTN", "auto"),
+                             "attention kernel (env TRAIN_GPT_ATTN); auto: the first that works",
+                             _choices("auto", *ATTENTION_BACKENDS), run_only=True)
+    fp8: str = flag("auto", "FP8 lm_head; auto: on when the GPU supports it", _SWITCH, run_only=True)
+    compile: str = flag("auto", "torch.compile(fullgraph=True); auto: on for CUDA", _SWITCH, run_only=True)
+    fused_loss: str = flag("auto", "the FP8 loss head as one fused kernel; auto: on CUDA, timed against the "
+                           "unfused head at start-up (the faster is used)", _SWITCH, run_only=True)
+    fused_mlp: str = flag("auto", "the MLP's first matmul with relu^2 in its epilogue (and its derivative in "
+                          "the backward's); auto: on CUDA, timed against the unfused MLP at start-up",
+                          _SWITCH, run_only=True)
+    # auto: float64 on CPU, bitwise the same for 1-8 processes; on GPU float32 with gradient
+    # accumulation, else the parameters' own dtype as in the record
+    grad_sum_dtype: str = flag("auto", "dtype of the gradient sums over micro-batches (see README)",
+                               _choices(*GRAD_SUM_DTYPES))
+    warmup: bool = flag(True, "when compiling: compile every shape first, then reset the state", _BOOL,
+                        run_only=True)
+    save_model: str = flag("", "path: rank 0 saves the final model there (reload with load_model)",
+                           run_only=True)
+    checkpoint_every: int = flag(0, "write logs/<run_id>.stepNNNNNN.pt every N steps, at the end and on "
+                                 "Ctrl-C / SIGTERM (0: never); the last 2 are kept", _at_least(0), run_only=True)
+    resume: str = flag("", "continue from this checkpoint (same configuration and number of processes)",
+                       run_only=True)
+    preset: str = flag("record", "base values: record (8x H100) or tiny (CPU demo); other flags override them",
+                       _choices(*PRESETS), run_only=True)
+
+
+# name -> dict(help, allowed, run_only), read from the fields
+FLAGS = {f.name: f.metadata for f in dataclasses.fields(Hyperparameters)}
+RUN_ONLY_FLAGS = frozenset(name for name, meta in FLAGS.items() if meta["run_only"])
+
+
+class _FlagParser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage block
+        raise ConfigError(message)
+
+
+def _flag_type(name: str, default):
+    """argparse type of flag `name`: converts and checks against its field's `allowed`."""
+    allowed, ok = FLAGS[name]["allowed"]
+    if isinstance(default, bool):
+        convert = {"true": True, "false": False}.get
+    elif isinstance(default, tuple):
+        def convert(text, kind=type(default[0])):
+            return tuple(kind(v) for v in text.split(","))
+    else:
+        convert = type(default)
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        values = value if isinstance(value, tuple) else (value,)
+        if value is None or (isinstance(default, tuple) and len(value) != len(default)) \
+                or not all(ok(v) for v in values):
+            shape = f"{len(default)} comma-separated values, each " if isinstance(default, tuple) else ""
+            kind = type(default[0] if isinstance(default, tuple) else default)
+            kind = f"{kind.__name__} " if kind in (int, float) else ""
+            raise ConfigError(f"--{name}={text}: expected {shape}{kind}{allowed}")
+        return value
+
+    return parse
+
+
+def parse_args(argv=None) -> Hyperparameters:
+    """Every Hyperparameters field is a flag (--name=value); --preset picks the base values.
+    Values are checked against each field's `allowed`: a bad one raises ConfigError naming the flag."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    pre = _FlagParser(add_help=False)
+    pre.add_argument("--preset", type=_flag_type("preset", "record"), default="record")
+    preset = pre.parse_known_args(argv)[0].preset
+    base = dataclasses.replace(Hyperparameters(), **PRESETS[preset], preset=preset)
+    parser = _FlagParser(
+        description="Train the speedrun GPT. Defaults are the 8x H100 record; --preset tiny is the CPU demo "
+                    "(--preset tiny --help shows its values). Tuples are written A,B,C.")
+    for f in dataclasses.fields(Hyperparameters):
+        value = getattr(base, f.name)
+        allowed = f.metadata["allowed"][0]
+        shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() \
+            if isinstance(value, bool) else value
+        parser.add_argument(f"--{f.name}", type=_flag_type(f.name, value), default=None,
+                            metavar="V", help=f"{f.metadata['help']} [{allowed}; default: {shown!s}]".replace("%", "%%"))
+    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k != "preset"}
+    for name in ("train_files", "val_files"):  # preset defaults are relative to the repository
+        if name not in given and not os.path.isabs(getattr(base, name)):
+            given[name] = str(REPO_DIR / getattr(base, name))
+    return dataclasses.replace(base, **given)
 
 
 # =====================================================================================
@@ -298,7 +339,7 @@ if triton is not None:
     @_sym_autotune
     @triton.jit
     def _ba_plus_caa_kernel(A, C, M, K, stride_ab, stride_am, stride_ak, stride_cb, stride_cm, stride_cn,
-                            alpha, beta,
+                            coef_b, coef_c,
                             BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
         batch, pid_m, pid_n = _sym_tile_ids(M, BLOCK_M)
         if pid_n > pid_m:
@@ -310,7 +351,7 @@ if triton is not None:
         offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
         a_tile = tl.load(A + offs_m[:, None] * stride_am + offs_n[None, :] * stride_ak,
                          mask=(offs_m[:, None] < M) & (offs_n[None, :] < M), other=0.0)
-        acc = acc * beta + a_tile.to(tl.float32) * alpha
+        acc = acc * coef_c + a_tile.to(tl.float32) * coef_b  # b * A + c * (A @ A)
         _sym_tile_store(C, acc, M, stride_cm, stride_cn, pid_m, pid_n, BLOCK_M)
 
 
@@ -332,9 +373,9 @@ def XXT(A: Tensor, out: Tensor) -> Tensor:
     return _launch_sym(_xxt_kernel, A, out)
 
 
-def ba_plus_cAA(A: Tensor, alpha: float, beta: float, out: Tensor) -> Tensor:
-    """Triton: out = alpha * A + beta * A @ A for a symmetric A of shape (m, m) or (B, m, m)."""
-    return _launch_sym(_ba_plus_caa_kernel, A, out, alpha, beta)
+def ba_plus_cAA(A: Tensor, b: float, c: float, out: Tensor) -> Tensor:
+    """Triton: out = b * A + c * A @ A for a symmetric A of shape (m, m) or (B, m, m)."""
+    return _launch_sym(_ba_plus_caa_kernel, A, out, b, c)
 
 
 def _use_sym_triton(A: Tensor, force_triton: bool) -> bool:
@@ -488,15 +529,21 @@ def _try_backend(name: str, device: torch.device):
     raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(ATTENTION_BACKENDS)}")
 
 
+def forced_attention_backend(name: str, device: torch.device):
+    """(function, what loaded) of --attn_backend=name; ConfigError if it cannot run here."""
+    fn, why, what = _try_backend(name, device)
+    if fn is None:
+        raise ConfigError(f"--attn_backend={name} cannot run here: {why}")
+    return fn, what
+
+
 def select_attention_backend(requested: str, device) -> tuple[str, object, str]:
     """Picks the attention backend once: (name, function, message for the log).
     'auto' tries FA3, torch varlen, FlexAttention, then SDPA; a forced backend that
     cannot run is an error."""
     device = torch.device(device)
     if requested != "auto":
-        fn, why, what = _try_backend(requested, device)
-        if fn is None:
-            raise ConfigError(f"--attn_backend={requested} cannot run here: {why}")
+        fn, what = forced_attention_backend(requested, device)
         return requested, fn, f"attention backend: {requested}{what} (forced)"
     skipped = []
     for name in ATTENTION_BACKENDS:
@@ -511,7 +558,7 @@ def select_attention_backend(requested: str, device) -> tuple[str, object, str]:
 # --- 2c. FP8 lm_head ------------------------------------------------------------------
 # Training-time lm_head matmul in FP8 (H100/H200, compute capability >= 8.9): x and w are
 # scaled into e4m3, the gradient into e5m2; scaled matmuls accumulate in higher precision.
-# The scales are fixed constants of the record (SPEC section 2).
+# The scales are fixed constants of the record (ALGORITHM.md 2.12).
 
 FP8_X_SCALE = 100 / 448
 FP8_W_SCALE = 1.6 / 448
@@ -606,6 +653,17 @@ def fp8_supported(device) -> tuple[bool, str]:
     if cap < (8, 9):
         return False, f"FP8 lm_head needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}"
     return True, "FP8 lm_head: on"
+
+
+def fp8_setting(setting: str, device) -> tuple[bool, str]:
+    """--fp8 on `device`: (use the FP8 head, reason for the log; "" for off). ConfigError
+    for --fp8=on where FP8 cannot run."""
+    if setting == "off":
+        return False, ""
+    ok, why = fp8_supported(device)
+    if not ok and setting == "on":
+        raise ConfigError(f"--fp8=on: {why}")
+    return ok, why
 
 
 # --- 2d. Fused loss head: one kernel over the logits, its gradient written in FP8 -----
@@ -1006,14 +1064,14 @@ def unfused_mlp(x: Tensor, c_fc: Tensor, c_proj: Tensor) -> Tensor:
     return F.relu(F.linear(x, c_fc)).square() @ c_proj
 
 
-
 # =====================================================================================
 # 3. Optimizers
 # =====================================================================================
+
 # Every parameter carries a `label` attribute set by the model; it routes the parameter to
 # NorMuon (the (4d, d) matrices) or to Adam (everything else) and picks its hyperparameters.
 
-# Polar Express (SPEC 3.3): (a, b, c) per iteration.
+# Polar Express (ALGORITHM.md 3.3): (a, b, c) per iteration.
 POLAR_EXPRESS_COEFFS = (
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -1051,7 +1109,7 @@ def add_scaled_(C: Tensor, X: Tensor, alpha: float) -> Tensor:
 
 
 def polar_express(G: Tensor, split: bool = False) -> Tensor:
-    """Approximate polar factor U V^T of G (2-D, or batched over a leading dim), SPEC 3.3.
+    """Approximate polar factor U V^T of G (2-D, or batched over a leading dim), ALGORITHM.md 3.3.
 
     Works in G's dtype (the caller casts: bf16 as in the record; NorMuon's ortho_dtype may
     pick fp32 on CPU, where bf16 matmuls are slow). Record arithmetic: a tall G is transposed
@@ -1132,7 +1190,7 @@ def orthogonalize_update(u: Tensor, attn: bool) -> Tensor:
 
 
 def normuon_scale_(o: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
-    """NorMuon variance normalization (SPEC 3.4), in place on o and second_moment.
+    """NorMuon variance normalization (ALGORITHM.md 3.4), in place on o and second_moment.
 
     o: (n, units, r, c) orthogonalized updates, one unit per independently normalized block
     (attention: Q, K, V, O; MLP: the whole matrix); second_moment: (n, units, r, 1) per row,
@@ -1152,7 +1210,7 @@ def normuon_scale_(o: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
 
 
 def cautious_update_(master: Tensor, u: Tensor, lr_p: Tensor, wd_factor: Tensor) -> Tensor:
-    """SPEC 3.5-3.6 in fp32, in place on master: `p - p * mask * wd_factor * lr_p - u * lr_p`,
+    """ALGORITHM.md 3.5-3.6 in fp32, in place on master: `p - p * mask * wd_factor * lr_p - u * lr_p`,
     mask = [u * p >= 0], u the normalized update as fp32. lr_p: per matrix, wd_factor =
     weight_decay * lr; both fp32, each rounded once from the float64 product."""
     u = u.float()
@@ -1163,7 +1221,7 @@ def cautious_update_(master: Tensor, u: Tensor, lr_p: Tensor, wd_factor: Tensor)
 def normuon_apply_(o: Tensor, second_moment: Tensor, p: Tensor, mantissa: Tensor | None, shape_f: Tensor,
                    lr_mul: Tensor, lr: Tensor, wd_factor: Tensor, beta2: float) -> Tensor:
     """NorMuon's elementwise work after Polar Express, one function so that it compiles into
-    a few fused kernels (SPEC 3.4-3.6): variance normalization (in place on second_moment),
+    a few fused kernels (ALGORITHM.md 3.4-3.6): variance normalization (in place on second_moment),
     cautious decay and update on the fp32 master weight rebuilt from p and mantissa, split
     back into p (a fresh stack of the parameters) and mantissa. Returns the new values.
 
@@ -1185,7 +1243,7 @@ def normuon_apply_(o: Tensor, second_moment: Tensor, p: Tensor, mantissa: Tensor
 
 def adam_update(p: Tensor, grad: Tensor, m: Tensor, v: Tensor, b1: float, b2: float, eps: float,
                 step_size: Tensor, decay: Tensor | None) -> Tensor:
-    """One Adam update (SPEC 3, Adam) in the record's arithmetic, m and v in place (fp32):
+    """One Adam update (ALGORITHM.md 3.8) in the record's arithmetic, m and v in place (fp32):
     m.mul_(b1).add_(g, alpha=1-b1), v.mul_(b2).addcmul_(g, g, value=1-b2),
     upd = m / (sqrt(v) + eps) * step_size, then cautious decay upd += decay * p * [upd * p > 0]
     (decay None: no weight decay). step_size and decay: 0-d fp32 CPU tensors made from Python
@@ -1275,6 +1333,14 @@ class GradSums:
         if p in self.filled:
             self.filled[p] = False
 
+    def set(self, p: Tensor, g: Tensor) -> None:
+        """Makes g the summed gradient of p (a checkpoint's pending gradient)."""
+        if p in self.buffers:
+            self.buffers[p].copy_(g)
+            self.filled[p] = True
+        else:
+            p.grad = g.to(device=p.device, dtype=p.dtype)
+
 
 @dataclass
 class _MuonGroup:
@@ -1292,7 +1358,7 @@ class _MuonGroup:
 
 
 class NorMuon:
-    """NorMuon (SPEC 3, items 1-7) for equally-shaped 2-D matrices, each rank updating its chunk.
+    """NorMuon (ALGORITHM.md 3.1-3.7) for equally-shaped 2-D matrices, each rank updating its chunk.
     The (scheduled) lr and momentum are given to each step.
 
     ortho_dtype: dtype of the Polar Express work (default bf16 on CUDA, fp32 elsewhere).
@@ -1430,7 +1496,7 @@ class _AdamSlot:
 
 
 class DistAdam:
-    """Adam with bias correction and cautious decay (SPEC 3, Adam), per-label hyperparameters.
+    """Adam with bias correction and cautious decay (ALGORITHM.md 3.8), per-label hyperparameters.
 
     With world_size > 1, gradients are averaged by collectives started in post-accumulate-grad
     hooks while `armed` (else at step time): tensors of < 1024 elements or whose dim 0 is not
@@ -1609,14 +1675,8 @@ class Optimizers:
 
     def set_pending_grads(self, grads: dict) -> None:
         """Puts pending_grads() back (after load_state_dict, which drops all gradients)."""
-        params = self.params
         for i, g in grads.items():
-            p = params[i]
-            if p in self.grads.buffers:
-                self.grads.buffers[p].copy_(g)
-                self.grads.filled[p] = True
-            else:
-                p.grad = g.to(device=p.device, dtype=p.dtype)
+            self.grads.set(self.params[i], g)
 
     def state_dict(self) -> dict:
         """Copies of all optimizer state (gradients are not part of it)."""
@@ -1633,20 +1693,138 @@ class Optimizers:
 
 
 # =====================================================================================
-# 4. Model
+# 4. Schedules
 # =====================================================================================
 
-PAIRED_LAYERS = (0, 2, 5, 9)  # paired-head attention
-LONG_LAYERS = (3, 10)  # long sliding window + partial key offset; all others short
-NO_ATTN_LAYER = 6
-VE_LAYERS = {0: 1, 1: 2, 8: 0, 9: 1, 10: 2}  # layer -> value embedding table
-SKIP_FROM, SKIP_TO, BACKOUT_LAYER = 3, 6, 7
+# Pure functions of (step, hyperparameters). S = num_scheduled_iterations; the extension
+# steps S .. S+E-1 come after. Stage k in {0, 1, 2} is the k-th third of S, stage 3 the
+# extension; batch size, windows and the lr step change at the same step (int(3*step/S)).
+
+
+def total_steps(args: Hyperparameters) -> int:
+    return args.num_scheduled_iterations + args.num_extension_iterations
+
+
+def stage(step: int, args: Hyperparameters) -> int:
+    S = args.num_scheduled_iterations
+    return 3 if step >= S else (3 * step) // S  # integer form of int(3 * step / S)
+
+
+def batch_size_at(step: int, args: Hyperparameters) -> int:
+    return args.train_batch_sizes[min(stage(step, args), 2)]
+
+
+def windows_at(step: int, args: Hyperparameters) -> tuple[int, int]:
+    """(short, long) attention windows in blocks."""
+    k = stage(step, args)
+    if k == 3:
+        return tuple(args.extension_windows)
+    long = args.long_windows[k]
+    return long // 2, long
+
+
+def final_windows(args: Hyperparameters) -> tuple[int, int]:
+    """Windows of the last validation: the extension's short window, a longer long one."""
+    return args.extension_windows[0], args.final_long_window
+
+
+def lr_multiplier(step: int, args: Hyperparameters) -> float:
+    S = args.num_scheduled_iterations
+    if step >= S:
+        return args.lr_final
+    x = step / S
+    lr_max = args.lr_multipliers[0] if 3 * step <= S else args.lr_multipliers[1] if 3 * step <= 2 * S \
+        else args.lr_multipliers[2]
+    if x < 1 - args.cooldown_frac:
+        return lr_max
+    w = (1 - x) / args.cooldown_frac
+    return lr_max * w + args.lr_final * (1 - w)
+
+
+def muon_momentum(step: int, args: Hyperparameters) -> float:
+    lo, hi = args.momentum_min, args.momentum_max
+    N = total_steps(args)
+    cooldown_start = N - args.momentum_cooldown_steps
+    if step >= cooldown_start:
+        return hi - (hi - lo) * min((step - cooldown_start) / args.momentum_cooldown_steps, 1.0)
+    return lo + (hi - lo) * min(step / args.momentum_warmup_steps, 1.0)
+
+
+def mtp_weights(step: int, args: Hyperparameters) -> list[float]:
+    """Multi-token prediction: weights of the losses on the next 1, 2, 3 tokens."""
+    x = step / args.num_scheduled_iterations
+    k = stage(step, args)
+    if k == 0:
+        return [1.0, 0.5, 0.25 * (1 - 3 * x)]
+    if k == 1:
+        return [1.0, 0.5 * (1 - (3 * x - 1))]
+    return [1.0]
+
+
+def split_step(args: Hyperparameters) -> int:
+    """Step after whose update embed splits from lm_head (odd: an Adam step)."""
+    return math.ceil(args.split_embed_frac * args.num_scheduled_iterations) | 1
+
+
+def warmup_steps(args: Hyperparameters) -> list[int]:
+    """Steps run before the clock starts so every compiled shape exists: 0, 1, 2 and each
+    stage transition +-1 (the split step is one of them)."""
+    N = total_steps(args)
+    transitions = sorted({s for s in range(1, N) if stage(s, args) != stage(s - 1, args)})
+    steps = {0, 1, 2} | {s + d for s in transitions for d in (-1, 0, 1)}
+    return sorted(s for s in steps if 0 <= s < N)
+
+
+# =====================================================================================
+# 5. Model
+# =====================================================================================
+
+class Layer(NamedTuple):
+    attention: str  # "paired": paired-head attention, "plain": one head per position, "": none
+    window: str  # "long" (with the partial key offset) or "short"; "" without attention
+    value_embed: int | None  # which value embedding its attention adds to v
+    skip: str  # U-net skip: "from" saves its output, "to" adds it before this layer
+    backout: bool  # its output is subtracted after the last layer
+
+
+# The layer layout of the record (ALGORITHM.md 2.2, 2.4 and "Attention"), one row per layer.
+LAYERS = (
+    #     attention  window   value_embed  skip    backout
+    Layer("paired", "short", 1, "", False),  # 0
+    Layer("plain", "short", 2, "", False),  # 1
+    Layer("paired", "short", None, "", False),  # 2
+    Layer("plain", "long", None, "from", False),  # 3
+    Layer("plain", "short", None, "", False),  # 4
+    Layer("paired", "short", None, "", False),  # 5
+    Layer("", "", None, "to", False),  # 6
+    Layer("plain", "short", None, "", True),  # 7
+    Layer("plain", "short", 0, "", False),  # 8
+    Layer("paired", "short", 1, "", False),  # 9
+    Layer("plain", "long", 2, "", False),  # 10
+)
+PAIRED_LAYERS = tuple(i for i, layer in enumerate(LAYERS) if layer.attention == "paired")
+LONG_LAYERS = tuple(i for i, layer in enumerate(LAYERS) if layer.window == "long")
+ATTN_LAYERS = tuple(i for i, layer in enumerate(LAYERS) if layer.attention)  # each has a gate in attn_gate_bank
+VE_LAYERS = tuple(i for i, layer in enumerate(LAYERS) if layer.value_embed is not None)  # and in ve_gate_bank
 GATE_DIM = 12  # gates read the first 12 channels
-# layout of the packed `scalars` parameter
-N_LAYERS_FOR_SCALARS = 11
-SC_RESID, SC_SA = 0, 11  # resid_lambda[11], sa_lambda[11 x 2]
-SC_SMEAR, SC_BACKOUT, SC_SKIP = 33, 34, 35
-N_SCALARS = 36
+
+
+class Scalars(NamedTuple):
+    """Named views of the packed float32 `scalars` parameter (one Adam parameter)."""
+    resid_lambda: Tensor  # (L,): weight of the residual stream before each layer
+    sa_lambda: Tensor  # (L, 2): scales of each attention's W_qkv and W_o
+    smear_lambda: Tensor  # (): the smear gate's scale
+    backout_lambda: Tensor  # (): how much of the backout layer's output is subtracted
+    skip_lambda: Tensor  # (): the U-net skip's gate, through a sigmoid
+
+    @staticmethod
+    def size(num_layers: int) -> int:
+        return 3 * num_layers + 3
+
+    @staticmethod
+    def of(flat: Tensor) -> Scalars:
+        L = (flat.numel() - 3) // 3
+        return Scalars(flat[:L], flat[L:3 * L].view(L, 2), flat[3 * L], flat[3 * L + 1], flat[3 * L + 2])
 
 
 def norm(x: Tensor) -> Tensor:
@@ -1654,7 +1832,7 @@ def norm(x: Tensor) -> Tensor:
 
 
 class YaRNRotary(nn.Module):
-    """Half-truncated rotary embedding with YaRN frequency updates (SPEC 2, Rotary).
+    """Half-truncated rotary embedding with YaRN frequency updates (ALGORITHM.md 2.9).
 
     The first head_dim/2 channels rotate in adjacent pairs (2j, 2j+1) with frequency
     f_j = (1/1024)^(j/(head_dim/4 - 1)); the other half does not rotate. Applying it is
@@ -1717,6 +1895,20 @@ class YaRNRotary(nn.Module):
         return f1 * x + f2 * x_flip
 
 
+@dataclass
+class AttentionInputs:
+    """What one attention layer takes besides its input x, for one forward pass."""
+    cu_seqlens: Tensor  # document starts (int32), padded with T
+    max_seqlen: int  # longest document
+    window: int  # sliding window, tokens
+    rotary: YaRNRotary
+    attn_fn: Callable  # the backend: (q, k, v, cu_seqlens, max_seqlen, window, scale) -> y
+    sa_lambda: Tensor  # (2,): scales of W_qkv and W_o
+    attn_gate: Tensor  # (H, GATE_DIM): the output gate
+    ve: Tensor | None = None  # (T, d): the value embedding, when the layer has one
+    ve_gate: Tensor | None = None  # (H, GATE_DIM): its gate
+
+
 class Attention(nn.Module):
     """Causal sliding-window attention over packed documents with QK-norm, rotary, value
     embedding, output gate; optionally partial key offset or paired heads."""
@@ -1735,17 +1927,18 @@ class Attention(nn.Module):
             self.qkvo[: 3 * self.dim].uniform_(-bound, bound)
             self.qkvo[3 * self.dim:].zero_()
 
-    def forward(self, x, ve, sa_lambdas, attn_gate, ve_gate, rotary, attn_fn, cu_seqlens, max_seqlen, window):
+    def forward(self, x: Tensor, a: AttentionInputs) -> Tensor:
         T, H, D, d = x.size(0), self.num_heads, self.head_dim, self.dim
-        q, k, v = F.linear(x, sa_lambdas[0] * self.qkvo[: 3 * d].type_as(x)).view(T, 3, H, D).unbind(1)
+        rotary, attn_fn, cu_seqlens, max_seqlen, window = a.rotary, a.attn_fn, a.cu_seqlens, a.max_seqlen, a.window
+        q, k, v = F.linear(x, a.sa_lambda[0] * self.qkvo[: 3 * d].type_as(x)).view(T, 3, H, D).unbind(1)
         q, k = norm(q), norm(k)
         gate_in = x[:, :GATE_DIM]
-        if ve is not None:
-            v = v + 2 * torch.sigmoid(F.linear(gate_in, ve_gate.type_as(x)))[..., None] * ve.view(T, H, D)
+        if a.ve is not None:
+            v = v + 2 * torch.sigmoid(F.linear(gate_in, a.ve_gate.type_as(x)))[..., None] * a.ve.view(T, H, D)
         if self.paired:
             # Heads h and h + H/2 form a pair: the (T, H, D) memory viewed as (2T, H/2, D)
             # puts heads 0..H/2-1 at position 2t and H/2..H-1 at 2t + 1; documents double
-            # in length. Rotary follows the head index's parity, not the slot (SPEC 2):
+            # in length. Rotary follows the head index's parity, not the slot (ALGORITHM.md 2.8):
             # viewed as (T, H/2, 2D), each adjacent head pair (2m, 2m+1) takes the angles of
             # positions 2t and 2t+1, so in pair (1, 4) head 1 (slot 2t) rotates at 2t+1.
             q, k = (rotary(t.view(T, H // 2, 2 * D)).view(2 * T, H // 2, D) for t in (q, k))
@@ -1759,8 +1952,8 @@ class Attention(nn.Module):
                 # the previous position, so one layer can match "the token after X"
                 k = torch.cat([k[:1], k[:-1]], dim=0).where(self._offset_mask(k), k)
             y = attn_fn(q, k, v, cu_seqlens, max_seqlen, window, rotary.attn_scale)
-        y = y * torch.sigmoid(F.linear(gate_in, attn_gate.type_as(x)))[..., None]
-        return F.linear(y.reshape(T, d), sa_lambdas[1] * self.qkvo[3 * d:].type_as(x))
+        y = y * torch.sigmoid(F.linear(gate_in, a.attn_gate.type_as(x)))[..., None]
+        return F.linear(y.reshape(T, d), a.sa_lambda[1] * self.qkvo[3 * d:].type_as(x))
 
     def _offset_mask(self, k: Tensor) -> Tensor:
         D = self.head_dim
@@ -1788,13 +1981,20 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """One layer: x + attn(norm(x)) (when LAYERS gives it attention), then x + mlp(norm(x))."""
+
     def __init__(self, layer: int, args: Hyperparameters):
         super().__init__()
         self.layer = layer
-        self.attn = None if layer == NO_ATTN_LAYER else Attention(
-            args.model_dim, args.num_heads, args.head_dim,
-            paired=layer in PAIRED_LAYERS, key_offset=layer in LONG_LAYERS)
+        spec = LAYERS[layer]
+        self.attn = Attention(args.model_dim, args.num_heads, args.head_dim, paired=spec.attention == "paired",
+                              key_offset=spec.window == "long") if spec.attention else None
         self.mlp = MLP(args.model_dim)
+
+    def forward(self, x: Tensor, attn_inputs: AttentionInputs | None) -> Tensor:
+        if self.attn is not None:
+            x = x + self.attn(norm(x), attn_inputs)
+        return x + self.mlp(norm(x))
 
 
 class GPT(nn.Module):
@@ -1803,7 +2003,7 @@ class GPT(nn.Module):
 
     def __init__(self, args: Hyperparameters, max_positions: int):
         super().__init__()
-        if args.num_layers != N_LAYERS_FOR_SCALARS:
+        if args.num_layers != len(LAYERS):
             raise ValueError(f"num_layers={args.num_layers}: the layer-specific layout needs 11")
         if args.num_heads % 2 or args.model_dim != args.num_heads * args.head_dim:
             raise ValueError(f"need an even num_heads and model_dim == num_heads * head_dim, got "
@@ -1816,12 +2016,11 @@ class GPT(nn.Module):
         self.embed = nn.Parameter(torch.empty(V, d, dtype=bf16))  # used from the split on
         self.value_embeds = nn.ParameterList([nn.Parameter(torch.empty(V, d, dtype=bf16)) for _ in range(3)])
         self.blocks = nn.ModuleList([Block(i, args) for i in range(args.num_layers)])
-        n_attn = args.num_layers - 1
-        self.attn_gate_bank = nn.Parameter(torch.empty(n_attn, H, GATE_DIM, dtype=bf16))
+        self.attn_gate_bank = nn.Parameter(torch.empty(len(ATTN_LAYERS), H, GATE_DIM, dtype=bf16))
         self.ve_gate_bank = nn.Parameter(torch.empty(len(VE_LAYERS), H, GATE_DIM, dtype=bf16))
         self.smear_gate = nn.Parameter(torch.empty(1, GATE_DIM, dtype=bf16))
         self.skip_gate = nn.Parameter(torch.empty(1, GATE_DIM, dtype=bf16))
-        self.scalars = nn.Parameter(torch.empty(N_SCALARS, dtype=torch.float32))
+        self.scalars = nn.Parameter(torch.empty(Scalars.size(args.num_layers), dtype=torch.float32))
         self.x0_lambda = nn.Parameter(torch.empty(args.num_layers, dtype=torch.float32))
         for name in ("lm_head", "embed", "attn_gate_bank", "ve_gate_bank", "smear_gate", "skip_gate",
                      "scalars", "x0_lambda"):
@@ -1836,9 +2035,6 @@ class GPT(nn.Module):
         self.act_dtype = torch.bfloat16  # build_model uses float32 on CPU
         self.split_done = False  # embed split off from lm_head yet?
         self.windows = windows_at(0, args)  # (short, long) in blocks, set by the schedule
-        # index of each layer's gate in the banks
-        self.attn_gate_index = {i: j for j, i in enumerate(i for i in range(args.num_layers) if i != NO_ATTN_LAYER)}
-        self.ve_gate_index = {i: j for j, i in enumerate(sorted(VE_LAYERS))}
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -1851,11 +2047,16 @@ class GPT(nn.Module):
             block.mlp.reset_parameters()
             if block.attn is not None:
                 block.attn.reset_parameters()
-        sc = self.scalars
-        sc[SC_RESID:SC_RESID + 11] = 1.1
-        sc[SC_SA:SC_SA + 22] = torch.tensor([0.5, 1.0]).repeat(11)
-        sc[SC_SMEAR], sc[SC_BACKOUT], sc[SC_SKIP] = 0.0, 0.5, -1.5
+        sc = self.scalar_views()
+        sc.resid_lambda.fill_(1.1)
+        sc.sa_lambda.copy_(torch.tensor([0.5, 1.0]))
+        sc.smear_lambda.fill_(0.0)
+        sc.backout_lambda.fill_(0.5)
+        sc.skip_lambda.fill_(-1.5)
         self.reset_schedule_state()
+
+    def scalar_views(self) -> Scalars:
+        return Scalars.of(self.scalars)
 
     def set_fused_mlp(self, on: bool):
         for block in self.blocks:
@@ -1904,11 +2105,9 @@ class GPT(nn.Module):
 
     def hidden(self, input_seq: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         """The final normalized hidden states (T, d): everything before the lm_head."""
-        sc = self.scalars
-        resid_lambda = sc[SC_RESID:SC_RESID + 11]
-        sa_lambda = sc[SC_SA:SC_SA + 22].view(11, 2)
+        sc = self.scalar_views()
         bs = self.args.block_size
-        short_w, long_w = self.windows[0] * bs, self.windows[1] * bs
+        window = dict(short=self.windows[0] * bs, long=self.windows[1] * bs)
 
         # activations in bf16 on GPU; in fp32 on CPU, where bf16 matmuls are ~10x slower
         # (.to / .type_as are no-ops when the dtype already matches)
@@ -1916,32 +2115,33 @@ class GPT(nn.Module):
         x = F.embedding(input_seq, self.embed if self.split_done else self.lm_head).to(act)
         ves = [F.embedding(input_seq, table).to(act) for table in self.value_embeds]
         # smear: mix a gated fraction of the previous token's embedding into each token
-        gate = sc[SC_SMEAR] * torch.sigmoid(F.linear(x[1:, :GATE_DIM], self.smear_gate.type_as(x)))
+        gate = sc.smear_lambda * torch.sigmoid(F.linear(x[1:, :GATE_DIM], self.smear_gate.type_as(x)))
         x = torch.cat([x[:1], x[1:] + gate * x[:-1]])
         x = x0 = norm(x)
 
         skip = backout = None
-        for i, block in enumerate(self.blocks):
-            if i == SKIP_TO:
-                g = torch.sigmoid(sc[SC_SKIP]) * 2 * torch.sigmoid(F.linear(x0[:, :GATE_DIM], self.skip_gate.type_as(x)))
+        for i, (block, layer) in enumerate(zip(self.blocks, LAYERS)):
+            if layer.skip == "to":
+                g = torch.sigmoid(sc.skip_lambda) * 2 * torch.sigmoid(
+                    F.linear(x0[:, :GATE_DIM], self.skip_gate.type_as(x)))
                 x = x + g * skip
-            if i == 0:
-                x = (resid_lambda[0] + self.x0_lambda[0]) * x
+            if i == 0:  # x is x0 here: one multiply
+                x = (sc.resid_lambda[0] + self.x0_lambda[0]) * x
             else:
-                x = resid_lambda[i] * x + self.x0_lambda[i] * x0
-            if block.attn is not None:
-                ve = ves[VE_LAYERS[i]] if i in VE_LAYERS else None
-                ve_gate = self.ve_gate_bank[self.ve_gate_index[i]] if i in VE_LAYERS else None
-                x = x + block.attn(
-                    norm(x), ve, sa_lambda[i], self.attn_gate_bank[self.attn_gate_index[i]], ve_gate,
-                    self.rotary, self.attn_fn, cu_seqlens, max_seqlen,
-                    long_w if i in LONG_LAYERS else short_w)
-            x = x + block.mlp(norm(x))
-            if i == SKIP_FROM:
+                x = sc.resid_lambda[i] * x + self.x0_lambda[i] * x0
+            attn_inputs = None
+            if layer.attention:
+                has_ve = layer.value_embed is not None
+                attn_inputs = AttentionInputs(
+                    cu_seqlens, max_seqlen, window[layer.window], self.rotary, self.attn_fn, sc.sa_lambda[i],
+                    self.attn_gate_bank[ATTN_LAYERS.index(i)], ves[layer.value_embed] if has_ve else None,
+                    self.ve_gate_bank[VE_LAYERS.index(i)] if has_ve else None)
+            x = block(x, attn_inputs)
+            if layer.skip == "from":
                 skip = x
-            if i == BACKOUT_LAYER:
+            if layer.backout:
                 backout = x
-        return norm(x - sc[SC_BACKOUT] * backout)
+        return norm(x - sc.backout_lambda * backout)
 
 
 EVAL_HEAD_CHUNK = 32768
@@ -1952,7 +2152,7 @@ def softcap(logits: Tensor) -> Tensor:
 
 
 def validation_loss(x: Tensor, W: Tensor, targets: Tensor) -> Tensor:
-    """The validation metric (SPEC 2.6): mean cross-entropy of the softcapped head output,
+    """The validation metric (ALGORITHM.md 2.6): mean cross-entropy of the softcapped head output,
     in the record's op order: the softcap runs in the activation dtype (bf16 tensor ops on
     GPU) and only its result is cast to float32 for the cross-entropy. (A float32 softcap of
     the bf16 logits moves the loss by up to ~1e-3, the size of a record's margin.) The head
@@ -1966,7 +2166,7 @@ def validation_loss(x: Tensor, W: Tensor, targets: Tensor) -> Tensor:
 
 class _MTPLoss(torch.autograd.Function):
     """sum_t sum_k w[k] * CE(softcap(logits)_t, target_{t+k}), positions past the end adding
-    nothing, in float32 from the raw logits (SPEC 2.6), without a (T, V) buffer per offset.
+    nothing, in float32 from the raw logits (ALGORITHM.md 2.6), without a (T, V) buffer per offset.
 
     With W_t = sum_k w_k [t + k < T] and z = softcap(logits), the loss is
     sum_t W_t lse_t - sum_t sum_k w_k z[t, target_{t+k}] (the picked values gathered from the
@@ -2032,19 +2232,17 @@ def build_model(args: Hyperparameters, device, attn_backend: str | None = None, 
     model.act_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
     if msg:
         log(msg)
-    want = fp8 or args.fp8
-    if want != "off" and device.type != "meta":
-        ok, msg = fp8_supported(device)
-        if not ok and want == "on":
-            raise ConfigError(f"--fp8=on: {msg}")
-        model.use_fp8 = ok
-        log(msg if ok else f"{msg}; using a {str(model.act_dtype).removeprefix('torch.')} linear")
+    if device.type != "meta":
+        model.use_fp8, msg = fp8_setting(fp8 or args.fp8, device)
+        if msg:
+            log(msg if model.use_fp8 else f"{msg}; using a {str(model.act_dtype).removeprefix('torch.')} linear")
     return model
 
 
 # =====================================================================================
-# 5. Data
+# 6. Data
 # =====================================================================================
+
 #
 # Token shards: a header of HEADER_INTS little-endian int32 ([0] magic, [1] version,
 # [2] token count) followed by that many uint16 GPT-2 tokens. Every document starts with
@@ -2312,7 +2510,7 @@ def _fill_step(docs: _DocumentStream, num_tokens: int, max_seq_len: int) -> list
     Returns, per virtual rank, pieces (tokens, start, length). Each document is cut to
     max_seq_len tokens and the last one to what is left of the buffer; the rest of a cut
     document is dropped (the next buffer starts at a BOS again). None if the shard runs out
-    of documents first: the partial step is then discarded (SPEC 1, shard boundary).
+    of documents first: the partial step is then discarded (ALGORITHM.md 1.3).
     """
     step = []
     for _ in range(VIRTUAL_RANKS):
@@ -2330,8 +2528,10 @@ def _fill_step(docs: _DocumentStream, num_tokens: int, max_seq_len: int) -> list
 
 
 def train_data_generator(pattern, batch_size: int, rank: int, world_size: int,
-                         max_seq_len: int, device="cpu", vocab_size: int | None = None):
-    """BOS-aligned training batches; returns a generator.
+                         max_seq_len: int, device="cpu", vocab_size: int | None = None,
+                         position: tuple | None = None) -> TrainBatches:
+    """BOS-aligned training batches, from the start of the shards or from `position`
+    (a checkpoint's TrainBatches.position()); a TrainBatches, used like a generator.
 
     Each next() yields one step for this process: a list of grad_accum tuples
     (inputs int32 (T,), targets int64 (T,), cu_seqlens int32 (L,)) with
@@ -2339,7 +2539,7 @@ def train_data_generator(pattern, batch_size: int, rank: int, world_size: int,
     T // 300, 128)). For every step the 8 virtual ranks take, in order, disjoint runs
     of consecutive documents of one shard; every sequence starts with BOS and has at most
     max_seq_len tokens. A step that the current shard cannot fill is discarded and drawn
-    again from the next shard (SPEC 1, shard boundary). `gen.send(new_batch_size)` changes
+    again from the next shard (ALGORITHM.md 1.3). `gen.send(new_batch_size)` changes
     the global batch size, and the step it returns already has the new size. Running out of
     shards, or a token id >= vocab_size (when given), raises DataError.
     """
@@ -2349,7 +2549,41 @@ def train_data_generator(pattern, batch_size: int, rank: int, world_size: int,
     if max_seq_len < 1:
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
     docs = _DocumentStream(pattern, vocab_size)  # validates the pattern now, not at the first next()
-    return _train_steps(docs, batch_size, rank, grad_accum, max_seq_len, device)
+    if position is not None:
+        docs.seek(position)
+    return TrainBatches(docs, _train_steps(docs, batch_size, rank, grad_accum, max_seq_len, device), batch_size)
+
+
+class TrainBatches:
+    """One process's training steps (train_data_generator): next() gives the next step at
+    the current batch size, send(B) the next step at batch size B; at(B) does whichever
+    is needed. position() is where the stream stands, for a checkpoint."""
+
+    def __init__(self, docs: _DocumentStream, steps, batch_size: int):
+        self.docs, self.steps, self.batch_size, self.started = docs, steps, batch_size, False
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        self.started = True
+        return next(self.steps)
+
+    def send(self, batch_size: int):
+        step = self.steps.send(batch_size)
+        self.batch_size = batch_size
+        return step
+
+    def at(self, batch_size: int):
+        if batch_size == self.batch_size:
+            return next(self)
+        if not self.started:  # a generator must start with next()
+            raise ValueError(f"the first step's batch size {batch_size} differs from the stream's "
+                             f"{self.batch_size}")
+        return self.send(batch_size)
+
+    def position(self) -> tuple:
+        return self.docs.position()
 
 
 def _train_steps(docs, batch_size, rank, grad_accum, max_seq_len, device):
@@ -2430,91 +2664,109 @@ def _val_steps(files, pattern, B, T, rank, grad_accum, device, vocab_size):
 
 
 # =====================================================================================
-# 6. Schedules
+# 7. Checks: flags, inputs, resume
 # =====================================================================================
-# Pure functions of (step, hyperparameters). S = num_scheduled_iterations; the extension
-# steps S .. S+E-1 come after. Stage k in {0, 1, 2} is the k-th third of S, stage 3 the
-# extension; batch size, windows and the lr step change at the same step (int(3*step/S)).
+
+def check_config(args: Hyperparameters, world_size: int):
+    if world_size < 1 or VIRTUAL_RANKS % world_size:
+        raise ConfigError(f"WORLD_SIZE={world_size} does not divide {VIRTUAL_RANKS}: use 1, 2, 4 or 8 processes "
+                          f"(gradient accumulation 8/world_size keeps the global batch)")
+    sizes = [("train_batch_sizes", bs) for bs in args.train_batch_sizes] + [("val_batch_size", args.val_batch_size)]
+    for name, bs in sizes:
+        if bs % VIRTUAL_RANKS:
+            raise ConfigError(f"--{name}: batch {bs} is not divisible by the {VIRTUAL_RANKS} ranks of the "
+                              f"global batch ({world_size} processes x {VIRTUAL_RANKS // world_size} micro-batches)")
+    if len(args.train_batch_sizes) != 3 or len(args.long_windows) != 3 or len(args.extension_windows) != 2:
+        raise ConfigError("--train_batch_sizes and --long_windows take 3 values, --extension_windows 2")
+    if args.val_tokens % args.val_batch_size:
+        raise ConfigError(f"--val_tokens={args.val_tokens} is not divisible by --val_batch_size={args.val_batch_size}")
+    if args.num_scheduled_iterations < 3:
+        raise ConfigError("--num_scheduled_iterations must be at least 3 (one step per third)")
 
 
-def total_steps(args: Hyperparameters) -> int:
-    return args.num_scheduled_iterations + args.num_extension_iterations
+def _check_writable_dir(folder: Path, what: str) -> None:
+    """ConfigError unless `folder` is (or can be made) a directory this process can write in."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{what}: {folder} is a file, not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what}: cannot write in {folder} ({e.strerror})") from None
 
 
-def stage(step: int, args: Hyperparameters) -> int:
-    S = args.num_scheduled_iterations
-    return 3 if step >= S else (3 * step) // S  # integer form of int(3 * step / S)
-
-
-def batch_size_at(step: int, args: Hyperparameters) -> int:
-    return args.train_batch_sizes[min(stage(step, args), 2)]
-
-
-def windows_at(step: int, args: Hyperparameters) -> tuple[int, int]:
-    """(short, long) attention windows in blocks."""
-    k = stage(step, args)
-    if k == 3:
-        return tuple(args.extension_windows)
-    long = args.long_windows[k]
-    return long // 2, long
-
-
-def final_windows(args: Hyperparameters) -> tuple[int, int]:
-    """Windows of the last validation: the extension's short window, a longer long one."""
-    return args.extension_windows[0], args.final_long_window
-
-
-def lr_multiplier(step: int, args: Hyperparameters) -> float:
-    S = args.num_scheduled_iterations
-    if step >= S:
-        return args.lr_final
-    x = step / S
-    lr_max = args.lr_multipliers[0] if 3 * step <= S else args.lr_multipliers[1] if 3 * step <= 2 * S \
-        else args.lr_multipliers[2]
-    if x < 1 - args.cooldown_frac:
-        return lr_max
-    w = (1 - x) / args.cooldown_frac
-    return lr_max * w + args.lr_final * (1 - w)
-
-
-def muon_momentum(step: int, args: Hyperparameters) -> float:
-    lo, hi = args.momentum_min, args.momentum_max
+def check_inputs(args: Hyperparameters, world_size: int, rank: int, device: torch.device) -> str:
+    """Everything about a run's inputs that can be known before compiling or warming up, on
+    every rank: the attention backend and FP8 choices, the header of every train and val
+    shard, the tokens the schedule needs against those the shards hold, and (rank 0) the log
+    folder and the save path. Raises ConfigError (or ValueError naming a bad shard); returns
+    a one-line summary of the data."""
+    if args.attn_backend != "auto":
+        forced_attention_backend(args.attn_backend, device)
+    fp8_setting(args.fp8, device)
+    for flag, available in (("fused_loss", fused_loss_available), ("fused_mlp", fused_mlp_available)):
+        ok, why = available(args, device)
+        if getattr(args, flag) == "on" and not ok:
+            raise ConfigError(f"--{flag}=on: {why}")
+    counts = {}
+    for flag, pattern in (("--train_files", args.train_files), ("--val_files", args.val_files)):
+        files = list_shards(pattern)
+        sizes = [shard_token_count(f) for f in files]  # headers only: every shard, in seconds
+        if 0 in sizes:
+            raise ConfigError(f"token shard {files[sizes.index(0)]} ({flag}) holds no tokens")
+        counts[flag] = (len(files), sum(sizes))
     N = total_steps(args)
-    cooldown_start = N - args.momentum_cooldown_steps
-    if step >= cooldown_start:
-        return hi - (hi - lo) * min((step - cooldown_start) / args.momentum_cooldown_steps, 1.0)
-    return lo + (hi - lo) * min(step / args.momentum_warmup_steps, 1.0)
+    # each step takes T + 1 tokens per virtual rank; cut documents lose more, so this is a floor
+    need = sum(batch_size_at(step, args) + VIRTUAL_RANKS for step in range(N))
+    n_files, have = counts["--train_files"]
+    if have < need:
+        raise ConfigError(f"the training schedule ({N} steps) needs at least {need:,} tokens but the {n_files} "
+                          f"shard(s) matching --train_files={args.train_files} hold {have:,}: add shards "
+                          f"(python data/cached_fineweb10B.py N, or data/fineweb.py for your own text) "
+                          f"or train for fewer steps")
+    n_val, have_val = counts["--val_files"]
+    if have_val < args.val_tokens + 1:
+        raise ConfigError(f"--val_tokens={args.val_tokens} needs {args.val_tokens + 1:,} tokens but the {n_val} "
+                          f"shard(s) matching --val_files={args.val_files} hold {have_val:,}")
+    if rank == 0:
+        _check_writable_dir(Path(args.log_dir), f"--log_dir={args.log_dir}")
+        if args.run_id and (os.sep in args.run_id or args.run_id in (".", "..")):
+            raise ConfigError(f"--run_id={args.run_id}: must be a plain file name")
+        if args.run_id and (Path(args.log_dir) / f"{args.run_id}.txt").exists():
+            raise _log_exists(Path(args.log_dir) / f"{args.run_id}.txt")
+        if args.save_model:
+            target = Path(args.save_model)
+            if target.is_dir():
+                raise ConfigError(f"--save_model={args.save_model} is a folder; give a file path")
+            if not target.parent.is_dir():
+                raise ConfigError(f"--save_model={args.save_model}: the folder {target.parent} does not exist")
+            _check_writable_dir(target.parent, f"--save_model={args.save_model}")
+    return (f"data: {n_files} train shard(s), {have:,} tokens (the schedule needs >= {need:,}); "
+            f"{n_val} val shard(s), {have_val:,} tokens")
 
 
-def mtp_weights(step: int, args: Hyperparameters) -> list[float]:
-    """Multi-token prediction: weights of the losses on the next 1, 2, 3 tokens."""
-    x = step / args.num_scheduled_iterations
-    k = stage(step, args)
-    if k == 0:
-        return [1.0, 0.5, 0.25 * (1 - 3 * x)]
-    if k == 1:
-        return [1.0, 0.5 * (1 - (3 * x - 1))]
-    return [1.0]
-
-
-def split_step(args: Hyperparameters) -> int:
-    """Step after whose update embed splits from lm_head (odd: an Adam step)."""
-    return math.ceil(args.split_embed_frac * args.num_scheduled_iterations) | 1
-
-
-def warmup_steps(args: Hyperparameters) -> list[int]:
-    """Steps run before the clock starts so every compiled shape exists: 0, 1, 2 and each
-    stage transition +-1 (the split step is one of them)."""
-    N = total_steps(args)
-    transitions = sorted({s for s in range(1, N) if stage(s, args) != stage(s - 1, args)})
-    steps = {0, 1, 2} | {s + d for s in transitions for d in (-1, 0, 1)}
-    return sorted(s for s in steps if 0 <= s < N)
+def check_resume(args: Hyperparameters, world_size: int) -> dict:
+    """The checkpoint of --resume, checked against this run's flags and process count."""
+    state = read_model_file(args.resume)
+    if state["format"] != CHECKPOINT_FORMAT:
+        raise ConfigError(f"--resume={args.resume}: a --save_model file has no optimizer or data state; "
+                          f"resume from a --checkpoint_every checkpoint")
+    saved = state["args"]
+    differ = [f"--{k}={getattr(args, k)} (checkpoint: {saved[k]})" for k in saved
+              if k not in RUN_ONLY_FLAGS and hasattr(args, k) and saved[k] != getattr(args, k)]
+    if differ:
+        raise ConfigError(f"--resume={args.resume}: the checkpoint was made with other values of "
+                          f"{', '.join(differ)}")
+    if state["world_size"] != world_size:
+        raise ConfigError(f"--resume={args.resume}: the checkpoint was made by {state['world_size']} process(es), "
+                          f"this run has {world_size}; resume with the same number")
+    return state
 
 
 # =====================================================================================
-# 7. Training loop
+# 8. Files: the log, the model file, checkpoints
 # =====================================================================================
-
 
 def _log_exists(path: Path) -> ConfigError:
     return ConfigError(f"the log {path} exists already (an earlier run): choose another --run_id or move it away")
@@ -2578,118 +2830,8 @@ def environment_report() -> str:
     return "\n".join(lines)
 
 
-def check_config(args: Hyperparameters, world_size: int):
-    if world_size < 1 or VIRTUAL_RANKS % world_size:
-        raise ConfigError(f"WORLD_SIZE={world_size} does not divide {VIRTUAL_RANKS}: use 1, 2, 4 or 8 processes "
-                          f"(gradient accumulation 8/world_size keeps the global batch)")
-    sizes = [("train_batch_sizes", bs) for bs in args.train_batch_sizes] + [("val_batch_size", args.val_batch_size)]
-    for name, bs in sizes:
-        if bs % VIRTUAL_RANKS:
-            raise ConfigError(f"--{name}: batch {bs} is not divisible by the {VIRTUAL_RANKS} ranks of the "
-                              f"global batch ({world_size} processes x {VIRTUAL_RANKS // world_size} micro-batches)")
-    if len(args.train_batch_sizes) != 3 or len(args.long_windows) != 3 or len(args.extension_windows) != 2:
-        raise ConfigError("--train_batch_sizes and --long_windows take 3 values, --extension_windows 2")
-    if args.val_tokens % args.val_batch_size:
-        raise ConfigError(f"--val_tokens={args.val_tokens} is not divisible by --val_batch_size={args.val_batch_size}")
-    if args.num_scheduled_iterations < 3:
-        raise ConfigError("--num_scheduled_iterations must be at least 3 (one step per third)")
-
-
-def _check_writable_dir(folder: Path, what: str) -> None:
-    """ConfigError unless `folder` is (or can be made) a directory this process can write in."""
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"{what}: {folder} is a file, not a folder")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise ConfigError(f"{what}: cannot write in {folder} ({e.strerror})") from None
-
-
-def check_inputs(args: Hyperparameters, world_size: int, rank: int, device: torch.device) -> str:
-    """Everything about a run's inputs that can be known before compiling or warming up, on
-    every rank: the attention backend and FP8 choices, the header of every train and val
-    shard, the tokens the schedule needs against those the shards hold, and (rank 0) the log
-    folder and the save path. Raises ConfigError (or ValueError naming a bad shard); returns
-    a one-line summary of the data."""
-    if args.attn_backend != "auto":
-        fn, why, _ = _try_backend(args.attn_backend, device)
-        if fn is None:
-            raise ConfigError(f"--attn_backend={args.attn_backend} cannot run here: {why}")
-    if args.fp8 == "on":
-        ok, why = fp8_supported(device)
-        if not ok:
-            raise ConfigError(f"--fp8=on: {why}")
-    for flag, available in (("fused_loss", fused_loss_available), ("fused_mlp", fused_mlp_available)):
-        ok, why = available(args, device)
-        if getattr(args, flag) == "on" and not ok:
-            raise ConfigError(f"--{flag}=on: {why}")
-    counts = {}
-    for flag, pattern in (("--train_files", args.train_files), ("--val_files", args.val_files)):
-        files = list_shards(pattern)
-        sizes = [shard_token_count(f) for f in files]  # headers only: every shard, in seconds
-        if 0 in sizes:
-            raise ConfigError(f"token shard {files[sizes.index(0)]} ({flag}) holds no tokens")
-        counts[flag] = (len(files), sum(sizes))
-    N = total_steps(args)
-    # each step takes T + 1 tokens per virtual rank; cut documents lose more, so this is a floor
-    need = sum(batch_size_at(step, args) + VIRTUAL_RANKS for step in range(N))
-    n_files, have = counts["--train_files"]
-    if have < need:
-        raise ConfigError(f"the training schedule ({N} steps) needs at least {need:,} tokens but the {n_files} "
-                          f"shard(s) matching --train_files={args.train_files} hold {have:,}: add shards "
-                          f"(python data/cached_fineweb10B.py N, or data/fineweb.py for your own text) "
-                          f"or train for fewer steps")
-    n_val, have_val = counts["--val_files"]
-    if have_val < args.val_tokens + 1:
-        raise ConfigError(f"--val_tokens={args.val_tokens} needs {args.val_tokens + 1:,} tokens but the {n_val} "
-                          f"shard(s) matching --val_files={args.val_files} hold {have_val:,}")
-    if rank == 0:
-        _check_writable_dir(Path(args.log_dir), f"--log_dir={args.log_dir}")
-        if args.run_id and (os.sep in args.run_id or args.run_id in (".", "..")):
-            raise ConfigError(f"--run_id={args.run_id}: must be a plain file name")
-        if args.run_id and (Path(args.log_dir) / f"{args.run_id}.txt").exists():
-            raise _log_exists(Path(args.log_dir) / f"{args.run_id}.txt")
-        if args.save_model:
-            target = Path(args.save_model)
-            if target.is_dir():
-                raise ConfigError(f"--save_model={args.save_model} is a folder; give a file path")
-            if not target.parent.is_dir():
-                raise ConfigError(f"--save_model={args.save_model}: the folder {target.parent} does not exist")
-            _check_writable_dir(target.parent, f"--save_model={args.save_model}")
-    return (f"data: {n_files} train shard(s), {have:,} tokens (the schedule needs >= {need:,}); "
-            f"{n_val} val shard(s), {have_val:,} tokens")
-
-
-@torch.no_grad()
-def evaluate(forward, model: nn.Module, args: Hyperparameters, rank: int = 0, world_size: int = 1,
-             device="cpu", max_steps: int | None = None) -> float:
-    """Mean validation loss of --val_tokens tokens (or max_steps val steps) through
-    `forward` (the model or its compiled form), averaged over the ranks."""
-    model.eval()
-    loader = val_data_generator(args.val_files, args.val_batch_size, rank, world_size, device=device,
-                                vocab_size=args.vocab_size)
-    n = args.val_tokens // args.val_batch_size
-    n = min(n, max_steps) if max_steps else n
-    total = torch.zeros((), device=device)
-    count = 0
-    for _ in range(n):
-        for inputs, targets, cu_seqlens in next(loader):
-            total += forward(inputs, targets, cu_seqlens, inputs.numel())
-            count += 1
-    total /= count
-    if world_size > 1:
-        dist.all_reduce(total, op=dist.ReduceOp.AVG)
-    model.train()
-    return total.item()
-
-
 MODEL_FILE_FORMAT = "train_gpt model 1"
 CHECKPOINT_FORMAT = "train_gpt checkpoint 1"
-# flags a resumed run may change: where things go and how, not what is computed
-RUN_ONLY_FLAGS = {"run_id", "log_dir", "save_model", "checkpoint_every", "resume", "warmup", "compile", "device",
-                  "attn_backend", "fp8", "fused_loss", "fused_mlp", "val_loss_every", "train_files", "val_files", "preset"}
 
 
 def _model_state(model: GPT) -> dict:
@@ -2746,22 +2888,76 @@ def load_model(path, device="cpu", attn_backend: str = "auto") -> GPT:
     return model
 
 
-def check_resume(args: Hyperparameters, world_size: int) -> dict:
-    """The checkpoint of --resume, checked against this run's flags and process count."""
-    state = read_model_file(args.resume)
-    if state["format"] != CHECKPOINT_FORMAT:
-        raise ConfigError(f"--resume={args.resume}: a --save_model file has no optimizer or data state; "
-                          f"resume from a --checkpoint_every checkpoint")
-    saved = state["args"]
-    differ = [f"--{k}={getattr(args, k)} (checkpoint: {saved[k]})" for k in saved
-              if k not in RUN_ONLY_FLAGS and hasattr(args, k) and saved[k] != getattr(args, k)]
-    if differ:
-        raise ConfigError(f"--resume={args.resume}: the checkpoint was made with other values of "
-                          f"{', '.join(differ)}")
-    if state["world_size"] != world_size:
-        raise ConfigError(f"--resume={args.resume}: the checkpoint was made by {state['world_size']} process(es), "
-                          f"this run has {world_size}; resume with the same number")
-    return state
+def write_checkpoint(folder: Path, run_id: str, step: int, train_ms: float, model: GPT, opt: Optimizers,
+                     data_position: tuple, rank: int, world_size: int, device: torch.device) -> Path | None:
+    """Writes folder/<run_id>.stepNNNNNN.pt on every rank's behalf (rank 0 writes; returns
+    its path, None on other ranks): the model, every rank's optimizer state and pending
+    gradients, the step, the data position, the train time and the RNG; keeps the last two.
+    Collective: every rank calls it."""
+    import io
+
+    mine = dict(opt=opt.state_dict(), grads=opt.pending_grads())
+    mine = torch.utils._pytree.tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, mine)
+    if world_size > 1:  # as torch.save bytes: gather_object's pickling mishandles some dtypes
+        buf = io.BytesIO()
+        torch.save(mine, buf)
+        gathered = [None] * world_size if rank == 0 else None
+        dist.gather_object(buf.getvalue(), gathered, dst=0)
+        if _STOP["requested"]:
+            _peers_done()  # what is left of this stop is rank 0's own file write
+        if rank != 0:
+            return None
+        ranks = [torch.load(io.BytesIO(b)) for b in gathered]
+    else:
+        ranks = [mine]
+    state = dict(format=CHECKPOINT_FORMAT, **_model_state(model), step=step, train_ms=train_ms,
+                 world_size=world_size, data=data_position, ranks=ranks, rng=torch.get_rng_state(),
+                 cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+    path = folder / f"{run_id}.step{step:06d}.pt"
+    _save_atomically(state, path)
+    for old in sorted(folder.glob(f"{glob.escape(run_id)}.step*.pt"))[:-2]:
+        old.unlink()
+    return path
+
+
+def restore_checkpoint(state: dict, model: GPT, opt: Optimizers, rank: int, device: torch.device) -> tuple:
+    """Restores a checkpoint (after the warm-up, which resets to the initial state);
+    returns (step, train_ms, data position)."""
+    restore_model_state(model, state)
+    mine = state["ranks"][rank]
+    opt.load_state_dict(mine["opt"])
+    opt.set_pending_grads(mine["grads"])
+    torch.set_rng_state(state["rng"])
+    if state.get("cuda_rng") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    return state["step"], state["train_ms"], state["data"]
+
+
+# =====================================================================================
+# 9. Training: steps, warm-up, the timed loop
+# =====================================================================================
+
+@torch.no_grad()
+def evaluate(forward, model: nn.Module, args: Hyperparameters, rank: int = 0, world_size: int = 1,
+             device="cpu", max_steps: int | None = None) -> float:
+    """Mean validation loss of --val_tokens tokens (or max_steps val steps) through
+    `forward` (the model or its compiled form), averaged over the ranks."""
+    model.eval()
+    loader = val_data_generator(args.val_files, args.val_batch_size, rank, world_size, device=device,
+                                vocab_size=args.vocab_size)
+    n = args.val_tokens // args.val_batch_size
+    n = min(n, max_steps) if max_steps else n
+    total = torch.zeros((), device=device)
+    count = 0
+    for _ in range(n):
+        for inputs, targets, cu_seqlens in next(loader):
+            total += forward(inputs, targets, cu_seqlens, inputs.numel())
+            count += 1
+    total /= count
+    if world_size > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.AVG)
+    model.train()
+    return total.item()
 
 
 # Ctrl-C / SIGTERM during the training loop: the step in progress finishes, then the loop
@@ -2813,8 +3009,50 @@ def peer_failure(e: BaseException) -> bool:
         r"gloo|nccl|connection (reset|closed|refused)|broken pipe", str(e), re.IGNORECASE) is not None)
 
 
+class TrainClock:
+    """The run's training time in ms. It stops inside paused() (validation, checkpoints),
+    which waits for the GPU on entry and on exit so that only training steps are timed."""
+
+    def __init__(self, sync, ms: float = 0.0):
+        self.sync, self.ms = sync, ms
+        self.sync()
+        self.t0 = time.perf_counter()
+
+    def elapsed_ms(self) -> float:
+        return self.ms + 1000 * (time.perf_counter() - self.t0)
+
+    @contextlib.contextmanager
+    def paused(self):
+        self.sync()
+        self.ms = self.elapsed_ms()
+        yield
+        self.sync()
+        self.t0 = time.perf_counter()
+
+
+def use_compile(args: Hyperparameters, device: torch.device) -> bool:
+    """--compile: auto compiles on CUDA."""
+    return args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
+
+
+def choose_fused_kernels(model: GPT, args: Hyperparameters, rank: int, world_size: int, device, log) -> None:
+    """--fused_loss and --fused_mlp: each fused path (kernels 2d, 2e) where it is faster than
+    the unfused one at the run's largest micro-batch, timed before the clock starts."""
+    step = max(range(total_steps(args)), key=lambda s: batch_size_at(s, args))
+    T = batch_size_at(step, args) // VIRTUAL_RANKS
+    K = len(mtp_weights(step, args))
+    model.fused_loss = choose_fused_path(
+        "fused_loss", args.fused_loss, fused_loss_available(args, device),
+        lambda: time_loss_heads(T, args.model_dim, model.padded_vocab, K, model.loss_grad_scale, device),
+        rank, world_size, device, log)
+    model.set_fused_mlp(choose_fused_path(
+        "fused_mlp", args.fused_mlp, fused_mlp_available(args, device),
+        lambda: time_mlps(T, args.model_dim, device), rank, world_size, device, log))
+
+
 class Trainer:
-    """Holds the model, its compiled form, the optimizers and the data streams of one run."""
+    """One run: the model, its compiled form, the optimizers and the training stream; the
+    steps, the warm-up and the timed loop."""
 
     def __init__(self, args: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger):
         self.args, self.rank, self.world_size, self.device, self.log = args, rank, world_size, device, log
@@ -2822,70 +3060,34 @@ class Trainer:
         torch.manual_seed(args.seed)
         self.model = build_model(args, device, log=log)
         self.model.loss_grad_scale = 1 / self.grad_accum  # train_step's (loss / grad_accum).backward()
-        self.model.fused_loss = self.choose_fused_loss()
-        self.model.set_fused_mlp(self.choose_fused_mlp())
+        choose_fused_kernels(self.model, args, rank, world_size, device, log)
         if world_size > 1:  # every rank starts from rank 0's initialization
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
-        use_compile = args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-        if use_compile:
+        compiled = use_compile(args, device)
+        if compiled:
             torch._dynamo.config.cache_size_limit = 64
-            self.forward = torch.compile(self.model, dynamic=False, fullgraph=True)
-        else:
-            self.forward = self.model
-        log(f"torch.compile: {'on' if use_compile else 'off'}")
-        self.opt = Optimizers(self.model, args, rank, world_size, compile=use_compile)
+        self.forward = torch.compile(self.model, dynamic=False, fullgraph=True) if compiled else self.model
+        log(f"torch.compile: {'on' if compiled else 'off'}")
+        self.opt = Optimizers(self.model, args, rank, world_size, compile=compiled)
         sum_dtype = self.opt.grads.dtype
         log(f"gradient sums over micro-batches: {str(sum_dtype).removeprefix('torch.') if sum_dtype else 'p.grad'} "
             f"(--grad_sum_dtype={args.grad_sum_dtype})")
         self.split = split_step(args)
-        self.train_loader = None
-        self.batch_size = None
+        self.batches: TrainBatches | None = None
         self.step = None  # the step being run (for the interrupt message)
         self.last_checkpoint = Path(args.resume) if args.resume else None  # the one to resume from
 
-    def choose_fused_loss(self) -> bool:
-        """--fused_loss: the fused FP8 loss head (kernels 2d) where it is faster at the
-        largest micro-batch of the run (timed before the clock starts)."""
-        args, model = self.args, self.model
-        step = max(range(total_steps(args)), key=lambda s: batch_size_at(s, args))
-        T = batch_size_at(step, args) // VIRTUAL_RANKS
-        K = len(mtp_weights(step, args))
-        return choose_fused_path(
-            "fused_loss", args.fused_loss, fused_loss_available(args, self.device),
-            lambda: time_loss_heads(T, args.model_dim, model.padded_vocab, K, model.loss_grad_scale, self.device),
-            self.rank, self.world_size, self.device, self.log)
-
-    def choose_fused_mlp(self) -> bool:
-        """--fused_mlp: the MLP's Triton matmuls (kernels 2e) where faster at the largest
-        micro-batch of the run with bf16 activations (timed before the clock starts)."""
-        args = self.args
-        T = max(args.train_batch_sizes) // VIRTUAL_RANKS
-        return choose_fused_path("fused_mlp", args.fused_mlp, fused_mlp_available(args, self.device),
-                                 lambda: time_mlps(T, args.model_dim, self.device),
-                                 self.rank, self.world_size, self.device, self.log)
-
-    # --- data ---
     def restart_data(self, step: int = 0, position=None):
         """A fresh training stream for `step` (its first shard starts loading now): from the
         start of the data, or from a checkpoint's position."""
-        self.batch_size = batch_size_at(step, self.args)
-        self.docs = _DocumentStream(self.args.train_files, self.args.vocab_size)
-        if position is not None:
-            self.docs.seek(position)
-        self.train_loader = _train_steps(self.docs, self.batch_size, self.rank, self.grad_accum,
-                                         self.args.train_max_seq_len, self.device)
-        self._started = False
+        a = self.args
+        self.batches = train_data_generator(a.train_files, batch_size_at(step, a), self.rank, self.world_size,
+                                            a.train_max_seq_len, self.device, a.vocab_size, position)
 
     def next_batches(self, batch_size: int):
-        """This process's micro-batches of the next step; a new batch size is sent to the stream."""
-        if self._started and batch_size != self.batch_size:
-            self.batch_size = batch_size
-            return self.train_loader.send(batch_size)
-        if batch_size != self.batch_size:  # a generator must start with next()
-            raise ValueError(f"the first step's batch size {batch_size} differs from the stream's {self.batch_size}")
-        self._started = True
-        return next(self.train_loader)
+        """This process's micro-batches of the next step, at `batch_size`."""
+        return self.batches.at(batch_size)
 
     # --- one optimization step ---
     def train_step(self, step: int) -> Tensor:
@@ -2912,24 +3114,19 @@ class Trainer:
     def validate(self, max_steps: int | None = None) -> float:
         return evaluate(self.forward, self.model, self.args, self.rank, self.world_size, self.device, max_steps)
 
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
     # --- warm-up and exact reset ---
-    def snapshot(self):
-        # opt.state_dict() already returns copies
-        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}, self.opt.state_dict()
-
-    def restore(self, snap):
-        """Parameters, optimizer state (which also drops every gradient) and schedule state."""
-        model_state, opt_state = snap
-        self.model.load_state_dict(model_state)
-        self.model.reset_schedule_state()
-        self.opt.load_state_dict(opt_state)
-
     def warmup(self):
         """Runs every shape the timed run will see (steps 0, 1, 2 and each transition +-1,
-        validation with each window), then restores the initial state exactly."""
+        validation with each window), then restores the initial state exactly: parameters,
+        optimizer state (which also drops every gradient) and schedule state."""
         args = self.args
         t0 = time.perf_counter()
-        snap = self.snapshot()
+        model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        opt_state = self.opt.state_dict()  # copies already
         self.restart_data()
         seen_windows = set()
         for step in warmup_steps(args):
@@ -2940,45 +3137,18 @@ class Trainer:
         self.model.set_windows(*final_windows(args), yarn=False)
         self.validate(max_steps=1)
         self.sync()
-        self.restore(snap)
+        self.model.load_state_dict(model_state)
+        self.model.reset_schedule_state()
+        self.opt.load_state_dict(opt_state)
         self.log(f"warm-up ({len(warmup_steps(args))} steps + validation) took {time.perf_counter() - t0:.1f}s; "
                  f"state reset")
 
-    def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-
-    # --- checkpoints ---
+    # --- checkpoints (files section: write_checkpoint, restore_checkpoint) ---
     def checkpoint(self, step: int, train_ms: float, run_id: str) -> Path | None:
-        """Writes logs/<run_id>.stepNNNNNN.pt (on every rank's behalf; rank 0 writes): the model,
-        every rank's optimizer state and pending gradients, the step, the data position, the
-        train time and the RNG; keeps the last two. Collective: every rank calls it."""
-        import io
-
-        mine = dict(opt=self.opt.state_dict(), grads=self.opt.pending_grads())
-        mine = torch.utils._pytree.tree_map(lambda t: t.cpu() if isinstance(t, Tensor) else t, mine)
-        if self.world_size > 1:  # as torch.save bytes: gather_object's pickling mishandles some dtypes
-            buf = io.BytesIO()
-            torch.save(mine, buf)
-            gathered = [None] * self.world_size if self.rank == 0 else None
-            dist.gather_object(buf.getvalue(), gathered, dst=0)
-            if _STOP["requested"]:
-                _peers_done()  # what is left of this stop is rank 0's own file write
-            if self.rank != 0:
-                return None
-            ranks = [torch.load(io.BytesIO(b)) for b in gathered]
-        else:
-            ranks = [mine]
-        state = dict(format=CHECKPOINT_FORMAT, **_model_state(self.model), step=step, train_ms=train_ms,
-                     world_size=self.world_size, data=self.docs.position(), ranks=ranks,
-                     rng=torch.get_rng_state(),
-                     cuda_rng=torch.cuda.get_rng_state_all() if self.device.type == "cuda" else None)
-        folder = Path(self.args.log_dir)
-        path = folder / f"{run_id}.step{step:06d}.pt"
-        _save_atomically(state, path)
-        self.last_checkpoint = path
-        for old in sorted(folder.glob(f"{glob.escape(run_id)}.step*.pt"))[:-2]:
-            old.unlink()
+        path = write_checkpoint(Path(self.args.log_dir), run_id, step, train_ms, self.model, self.opt,
+                                self.batches.position(), self.rank, self.world_size, self.device)
+        if path is not None:
+            self.last_checkpoint = path
         return path
 
     def resume_hint(self) -> str:
@@ -2986,153 +3156,92 @@ class Trainer:
             return "no checkpoint to resume from" + ("" if self.args.checkpoint_every else " (--checkpoint_every=0)")
         return f"resume with --resume={self.last_checkpoint}"
 
-    def load_checkpoint(self, state: dict) -> tuple[int, float, tuple]:
-        """Restores a checkpoint (after the warm-up, which resets to the initial state);
-        returns (step, train_ms, data position)."""
-        restore_model_state(self.model, state)
-        mine = state["ranks"][self.rank]
-        self.opt.load_state_dict(mine["opt"])
-        self.opt.set_pending_grads(mine["grads"])
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        return state["step"], state["train_ms"], state["data"]
 
-    def run(self, run_id: str = "run", resume: dict | None = None) -> float | None:
-        args, log = self.args, self.log
-        N = total_steps(args)
-        # a line per step; its loss only every 25 steps on GPU, as reading it waits for the GPU
-        loss_every = 1 if self.device.type == "cpu" else 25
-        first, train_ms, position = self.load_checkpoint(resume) if resume else (0, 0.0, None)
-        if resume:
-            log(f"resumed from {args.resume} at step {first}")
-        self.restart_data(first, position)
-        self.model.set_windows(*windows_at(min(first, N - 1), args))
-        val_loss = None
-        self.sync()
-        t0 = time.perf_counter()
-        _STOP["in_loop"] = True
-        try:
-            for step in range(first, N + 1):
-                last = step == N
-                if last or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
-                    self.sync()
-                    train_ms += 1000 * (time.perf_counter() - t0)
-                    if last:
-                        self.model.set_windows(*final_windows(args), yarn=False)
-                    val_loss = self.validate()
-                    if not math.isfinite(val_loss):
-                        raise ConfigError(f"validation loss is {val_loss} at step {step}: training diverged")
-                    log(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms"
-                        + (f" step_avg:{train_ms / step:.2f}ms" if step else ""))
-                    self.sync()
-                    t0 = time.perf_counter()
-                if last:
-                    break
-                self.step = step  # "at step N": N steps done, the next one in progress or not started
-                loss = self.train_step(step)
-                done = self.step = step + 1
-                shown = ""
-                if done % loss_every == 0 or done == N:
-                    if self.world_size > 1:
-                        dist.all_reduce(loss, op=dist.ReduceOp.AVG)
-                    loss_value = loss.item()
-                    if not math.isfinite(loss_value):
-                        raise ConfigError(f"training loss is {loss_value} at step {step}: training diverged")
-                    shown = f" mtp_loss:{loss_value:.4f}"  # the weighted multi-token sum, per token
-                elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-                avg = elapsed / done
-                log(f"step:{done}/{N}{shown} train_time:{elapsed:.0f}ms step_avg:{avg:.2f}ms "
-                    f"eta:{avg * (N - done) / 1000:.0f}s")
-                stop = self._stop_requested(checked=bool(shown))
-                if args.checkpoint_every and (done % args.checkpoint_every == 0 or done == N or stop):
-                    self.sync()
-                    train_ms += 1000 * (time.perf_counter() - t0)
-                    path = self.checkpoint(done, train_ms, run_id)
+def train(t: Trainer, run_id: str = "run", resume: dict | None = None) -> float | None:
+    """Steps from the start (or the checkpoint `resume`) to the end with validations
+    and checkpoints in between; returns the final validation loss."""
+    args, log, N = t.args, t.log, total_steps(t.args)
+    first, train_ms, position = (restore_checkpoint(resume, t.model, t.opt, t.rank, t.device)
+                                 if resume else (0, 0.0, None))
+    if resume:
+        log(f"resumed from {args.resume} at step {first}")
+    t.restart_data(first, position)
+    t.model.set_windows(*windows_at(min(first, N - 1), args))
+    val_loss = None
+    clock = TrainClock(t.sync, train_ms)
+    _STOP["in_loop"] = True
+    try:
+        for step in range(first, N + 1):
+            if step == N or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
+                with clock.paused():
+                    val_loss = _validate_and_log(t, step, clock.ms)
+            if step == N:
+                break
+            t.step = step  # "at step N": N steps done, the next one in progress or not started
+            loss = t.train_step(step)
+            done = t.step = step + 1
+            read = _log_step(t, done, loss, clock.elapsed_ms())
+            stop = _stop_requested(t, checked=read)
+            if args.checkpoint_every and (done % args.checkpoint_every == 0 or done == N or stop):
+                with clock.paused():
+                    path = t.checkpoint(done, clock.ms, run_id)
                     if path is not None:
                         log(f"checkpoint: {path}")
-                    t0 = time.perf_counter()
-                if stop:
-                    raise KeyboardInterrupt
-        finally:
-            _STOP["in_loop"] = False
-        return val_loss
+            if stop:
+                raise KeyboardInterrupt
+    finally:
+        _STOP["in_loop"] = False
+    return val_loss
 
-    def _stop_requested(self, checked: bool) -> bool:
-        """Whether Ctrl-C / SIGTERM came, on any rank: all ranks stop after the same step. With
-        several GPUs the ranks agree only on steps whose loss was read (checked: the GPU has
-        been waited for anyway), so that other steps need no sync."""
-        if self.world_size == 1:
-            return _STOP["requested"]
-        if self.device.type == "cuda" and not checked:
-            return False
-        flag = torch.tensor(float(_STOP["requested"]), device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+
+def _validate_and_log(t: Trainer, step: int, train_ms: float) -> float:
+    """Validation at `step` (at the end: with the final windows); its log line."""
+    N = total_steps(t.args)
+    if step == N:
+        t.model.set_windows(*final_windows(t.args), yarn=False)
+    val_loss = t.validate()
+    if not math.isfinite(val_loss):
+        raise ConfigError(f"validation loss is {val_loss} at step {step}: training diverged")
+    t.log(f"step:{step}/{N} val_loss:{val_loss:.4f} train_time:{train_ms:.0f}ms"
+          + (f" step_avg:{train_ms / step:.2f}ms" if step else ""))
+    return val_loss
+
+
+def _log_step(t: Trainer, done: int, loss: Tensor, elapsed_ms: float) -> bool:
+    """The line of step `done`; its loss only every 25 steps on a GPU (reading it waits
+    for the GPU), every step on the CPU. Returns whether the loss was read."""
+    N = total_steps(t.args)
+    shown = ""
+    read = done % (1 if t.device.type == "cpu" else 25) == 0 or done == N
+    if read:
+        if t.world_size > 1:
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            raise ConfigError(f"training loss is {loss_value} at step {done - 1}: training diverged")
+        shown = f" mtp_loss:{loss_value:.4f}"  # the weighted multi-token sum, per token
+    avg = elapsed_ms / done
+    t.log(f"step:{done}/{N}{shown} train_time:{elapsed_ms:.0f}ms step_avg:{avg:.2f}ms "
+          f"eta:{avg * (N - done) / 1000:.0f}s")
+    return read
+
+
+def _stop_requested(t: Trainer, checked: bool) -> bool:
+    """Whether Ctrl-C / SIGTERM came, on any rank: all ranks stop after the same step. With
+    several GPUs the ranks agree only on steps whose loss was read (checked: the GPU has
+    been waited for anyway), so that other steps need no sync."""
+    if t.world_size == 1:
+        return _STOP["requested"]
+    if t.device.type == "cuda" and not checked:
+        return False
+    flag = torch.tensor(float(_STOP["requested"]), device=t.device if t.device.type == "cuda" else "cpu")
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
 
 
 # =====================================================================================
-# 8. main
+# 10. main
 # =====================================================================================
-
-
-class _FlagParser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage block
-        raise ConfigError(message)
-
-
-def _flag_type(name: str, default):
-    """argparse type of flag `name`: converts and checks against FLAGS[name]."""
-    allowed, ok = FLAGS[name][1]
-    if isinstance(default, bool):
-        convert = {"true": True, "false": False}.get
-    elif isinstance(default, tuple):
-        def convert(text, kind=type(default[0])):
-            return tuple(kind(v) for v in text.split(","))
-    else:
-        convert = type(default)
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        values = value if isinstance(value, tuple) else (value,)
-        if value is None or (isinstance(default, tuple) and len(value) != len(default)) \
-                or not all(ok(v) for v in values):
-            shape = f"{len(default)} comma-separated values, each " if isinstance(default, tuple) else ""
-            kind = type(default[0] if isinstance(default, tuple) else default)
-            kind = f"{kind.__name__} " if kind in (int, float) else ""
-            raise ConfigError(f"--{name}={text}: expected {shape}{kind}{allowed}")
-        return value
-
-    return parse
-
-
-def parse_args(argv=None) -> Hyperparameters:
-    """Every Hyperparameters field is a flag (--name=value); --preset picks the base values.
-    Values are checked against FLAGS: a bad one raises ConfigError naming the flag."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    pre = _FlagParser(add_help=False)
-    pre.add_argument("--preset", type=_flag_type("preset", "record"), default="record")
-    preset = pre.parse_known_args(argv)[0].preset
-    base = dataclasses.replace(Hyperparameters(), **PRESETS[preset], preset=preset)
-    parser = _FlagParser(
-        description="Train the speedrun GPT. Defaults are the 8x H100 record; --preset tiny is the CPU demo "
-                    "(--preset tiny --help shows its values). Tuples are written A,B,C.")
-    for f in dataclasses.fields(Hyperparameters):
-        value = getattr(base, f.name)
-        meaning, (allowed, _) = FLAGS[f.name]
-        shown = ",".join(map(str, value)) if isinstance(value, tuple) else str(value).lower() \
-            if isinstance(value, bool) else value
-        parser.add_argument(f"--{f.name}", type=_flag_type(f.name, value), default=None,
-                            metavar="V", help=f"{meaning} [{allowed}; default: {shown!s}]".replace("%", "%%"))
-    given = {k: v for k, v in vars(parser.parse_args(argv)).items() if v is not None and k != "preset"}
-    for name in ("train_files", "val_files"):  # preset defaults are relative to the repository
-        if name not in given and not os.path.isabs(getattr(base, name)):
-            given[name] = str(REPO_DIR / getattr(base, name))
-    return dataclasses.replace(base, **given)
-
 
 def resolve_device(setting: str, local_rank: int = 0) -> torch.device:
     """--device: auto is this process's GPU when CUDA is available, else the CPU."""
@@ -3209,7 +3318,7 @@ def main(argv=None):
         warm = args.warmup and trainer.forward is not trainer.model
         if warm:
             trainer.warmup()
-        trainer.run(run_id, resume)
+        train(trainer, run_id, resume)
         if args.save_model and rank == 0:
             save_model(trainer.model, args.save_model)
             log(f"saved the model to {args.save_model}")

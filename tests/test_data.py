@@ -177,7 +177,7 @@ def write_doc_shards(tmp_path, shards, prefix="t_train"):
 
 
 def reference_steps(shard_docs, batch_sizes, max_seq_len):
-    """Independent list-based model of the assignment (SPEC 1): per step, 8 buffers of T+1
+    """Independent list-based model of the assignment (ALGORITHM.md 1.2, 1.3): per step, 8 buffers of T+1
     tokens filled with whole documents cut to max_seq_len, the last one cut to fit, all from
     one shard; a step the shard cannot fill is dropped and drawn again from the next shard.
     Returns the steps and, per step, the (shard, document) indices each one used."""
@@ -266,7 +266,7 @@ def test_train_documents_in_order(tmp_path):
 
 
 def test_train_step_never_straddles_a_shard_boundary(tmp_path):
-    """SPEC 1, shard boundary: when the current shard cannot fill all 8 buffers of a step,
+    """ALGORITHM.md 1.3: when the current shard cannot fill all 8 buffers of a step,
     the partial step is discarded (its documents are never used) and the whole step comes
     from the next shard, virtual rank 0 first; 1, 2, 4 and 8 processes see the same data."""
     T = 8  # tokens per virtual rank: buffers of 9 tokens, batch 64

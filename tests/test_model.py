@@ -1,7 +1,7 @@
-"""Tests of the model section of train_gpt.py (SPEC section 2 and the YaRN part of 4).
+"""Tests of the model section of train_gpt.py (ALGORITHM.md section 2, with the windows of 4.2).
 
 Every check compares the code against an independent reference written here: Python
-loops, explicit masks and float64 formulas taken from the SPEC, never the code's own
+loops, explicit masks and float64 formulas taken from ALGORITHM.md, never the code's own
 output. CPU only except the tests marked for CUDA; the tiny preset keeps it light.
 """
 import math
@@ -18,7 +18,7 @@ import train_gpt as tg
 F64 = torch.float64
 V_PAD = 50304  # 50257 padded to the next multiple of 128
 GATE = 12
-# SPEC section 2, written out here rather than read from the code
+# ALGORITHM.md section 2, written out here rather than read from the code
 ATTN_LAYERS = [0, 1, 2, 3, 4, 5, 7, 8, 9, 10]  # every layer but 6; also the gate bank order
 PAIRED = {0, 2, 5, 9}
 LONG = {3, 10}
@@ -53,13 +53,13 @@ def tiny_model(seed=0, **overrides):
 
 
 def scalars(model):
-    sc = f64(model.scalars)
+    sc = tg.Scalars.of(f64(model.scalars))
     return dict(
-        resid=sc[tg.SC_RESID:tg.SC_RESID + 11],
-        sa=sc[tg.SC_SA:tg.SC_SA + 22].view(11, 2),
-        smear=sc[tg.SC_SMEAR].item(),
-        backout=sc[tg.SC_BACKOUT].item(),
-        skip=sc[tg.SC_SKIP].item(),
+        resid=sc.resid_lambda,
+        sa=sc.sa_lambda,
+        smear=sc.smear_lambda.item(),
+        backout=sc.backout_lambda.item(),
+        skip=sc.skip_lambda.item(),
     )
 
 
@@ -86,10 +86,12 @@ def randomize(model, seed=1, attn_out=True):
         b.mlp.c_proj.copy_(rnd(b.mlp.c_proj.shape, 0.5 * (4 * d) ** -0.5))
     for p in (model.attn_gate_bank, model.ve_gate_bank, model.smear_gate, model.skip_gate):
         p.copy_(rnd(p.shape, 0.5))
-    sc = model.scalars
-    sc[tg.SC_RESID:tg.SC_RESID + 11] = 0.8 + 0.4 * torch.rand(11, generator=g)
-    sc[tg.SC_SA:tg.SC_SA + 22] = 0.4 + 0.8 * torch.rand(22, generator=g)
-    sc[tg.SC_SMEAR], sc[tg.SC_BACKOUT], sc[tg.SC_SKIP] = 0.7, 0.4, 0.3
+    sc = model.scalar_views()
+    sc.resid_lambda.copy_(0.8 + 0.4 * torch.rand(11, generator=g))
+    sc.sa_lambda.copy_((0.4 + 0.8 * torch.rand(22, generator=g)).view(11, 2))
+    sc.smear_lambda.fill_(0.7)
+    sc.backout_lambda.fill_(0.4)
+    sc.skip_lambda.fill_(0.3)
     model.x0_lambda.copy_(torch.rand(11, generator=g) - 0.5)
 
 
@@ -161,12 +163,12 @@ def ref_rmsnorm(x):
 
 
 def ref_freqs(head_dim):
-    """SPEC 2, Rotary: f = (1/1024) ** linspace(0, 1, head_dim/4), in float32."""
+    """ALGORITHM.md 2.9: f = (1/1024) ** linspace(0, 1, head_dim/4), in float32."""
     return (1 / 1024) ** torch.linspace(0, 1, head_dim // 4, dtype=torch.float32)
 
 
 def ref_cos_sin(positions, freqs):
-    """The SPEC's bf16 tables at `positions`: angles outer(positions, f) in float32, cos and
+    """ALGORITHM.md 2.9's bf16 tables at `positions`: angles outer(positions, f) in float32, cos and
     sin in float32, then rounded to bf16 (returned as float64)."""
     ang = torch.outer(torch.tensor(list(positions), dtype=torch.float32), torch.as_tensor(freqs, dtype=torch.float32))
     return bf16_round(ang.cos()), bf16_round(ang.sin())
@@ -187,7 +189,7 @@ def ref_rotate(x, positions, freqs):
 
 
 def ref_rotate_paired(x2, freqs):
-    """Rotary on the paired (2T, H/2, D) sequence by HEAD INDEX PARITY (SPEC 2, paired
+    """Rotary on the paired (2T, H/2, D) sequence by HEAD INDEX PARITY (ALGORITHM.md 2.8, paired
     heads): slot 2t + s, pair j holds head h = j + s*H/2 of token t, which rotates at angle
     position 2t + (h % 2), whatever its slot."""
     out = x2.clone()
@@ -297,7 +299,7 @@ def ref_qkv(x, W, sa0, H, D):
 
 def ref_attention_layer(x, W, sa0, sa1, attn_gate, ve, ve_gate, H, D, cu, window, scale, freqs,
                         paired, key_offset):
-    """SPEC section 2 'Attention', float64. x: (T, d), W: qkvo (4d, d)."""
+    """ALGORITHM.md 2.7, float64. x: (T, d), W: qkvo (4d, d)."""
     T = x.shape[0]
     d = H * D
     q, k, v = ref_qkv(x, W, sa0, H, D)
@@ -319,7 +321,7 @@ def ref_attention_layer(x, W, sa0, sa1, attn_gate, ve, ve_gate, H, D, cu, window
 
 
 def ref_forward(model, tokens, cu, short_blocks, long_blocks, freqs=None, scale=0.1, use_embed=False):
-    """The whole forward pass of SPEC section 2 in float64, from the model's parameters.
+    """The whole forward pass of ALGORITHM.md section 2 in float64, from the model's parameters.
     Returns logits before the softcap and a dict of intermediate values."""
     a = model.args
     H, D, d, bs = a.num_heads, a.head_dim, a.model_dim, a.block_size
@@ -380,7 +382,7 @@ def ref_mtp(capped, targets, weights):
 
 
 def yarn_ref(freqs, scale, old, new, block):
-    """SPEC 2, YaRN update, written as a float64 loop (the meaning of the update)."""
+    """ALGORITHM.md 2.9, YaRN update, written as a float64 loop (the meaning of the update)."""
     out = []
     for f in freqs:
         r = block * old * f / (2 * math.pi)
@@ -391,7 +393,7 @@ def yarn_ref(freqs, scale, old, new, block):
 
 
 def yarn_ref_f32(freqs, old, new, block):
-    """The same update with the record's rounding (SPEC 2): float32 tensor math on the
+    """The same update with the record's rounding (ALGORITHM.md 2.9): float32 tensor math on the
     float32 frequencies, r = block*old*f/(2 pi), s = old/new, w = clamp((r-1)/31, 0, 1)."""
     f = torch.as_tensor(freqs, dtype=torch.float32)
     r = block * old * f / (2 * math.pi)
@@ -720,13 +722,18 @@ def paired_setup(seed, T=24, d=96, H=6, D=16):
     return attn, rot, x, ve, sa, attn_gate, ve_gate
 
 
+def call_attn(attn, x, ve, sa, attn_gate, ve_gate, rotary, attn_fn, cu_seqlens, max_seqlen, window):
+    """One attention layer with its per-call inputs in the order the references take them."""
+    return attn(x, tg.AttentionInputs(cu_seqlens, max_seqlen, window, rotary, attn_fn, sa, attn_gate, ve, ve_gate))
+
+
 @pytest.mark.parametrize("window", [1, 5, 1000])
 def test_paired_attention_matches_interleaved_reference(window):
     attn, rot, x, ve, sa, attn_gate, ve_gate = paired_setup(seed=11)
     T, H, D = x.shape[0], attn.num_heads, attn.head_dim
     cu = [0, 7, 8, 15, T, T]
     with torch.no_grad():
-        out = attn(x, ve, sa, attn_gate, ve_gate, rot, tg.attention_sdpa, cu_tensor(cu), max_len(cu), window)
+        out = call_attn(attn, x, ve, sa, attn_gate, ve_gate, rot, tg.attention_sdpa, cu_tensor(cu), max_len(cu), window)
     ref = ref_attention_layer(f64(x), f64(attn.qkvo), 0.7, 1.3, f64(attn_gate), f64(ve), f64(ve_gate),
                               H, D, cu, window, 0.1, ref_freqs(D), paired=True, key_offset=False)
     assert_close(out, ref, atol=1e-4, msg=f"paired attention, window {window}")
@@ -753,7 +760,7 @@ def test_paired_mask_second_member_visibility():
 
     def run(ve_):
         with torch.no_grad():
-            return attn(x, ve_, sa, attn_gate, ve_gate, rot, tg.attention_sdpa, cu_tensor(cu), max_len(cu),
+            return call_attn(attn, x, ve_, sa, attn_gate, ve_gate, rot, tg.attention_sdpa, cu_tensor(cu), max_len(cu),
                         window).view(T, H, D)
 
     base = run(ve)
@@ -777,7 +784,7 @@ def test_paired_mask_second_member_visibility():
 
 
 def test_paired_rotary_follows_head_parity_exactly():
-    """SPEC 2, paired heads: the q and k handed to attention are the 2T sequence (heads
+    """ALGORITHM.md 2.8: the q and k handed to attention are the 2T sequence (heads
     0..H/2-1 at slot 2t, H/2..H-1 at 2t+1) with head h of token t rotated at angle position
     2t + h % 2. The reference does this per (slot, head) in float32 from the model's
     pre-rotary q/k (rms-normed projections): equal bit for bit."""
@@ -786,7 +793,7 @@ def test_paired_rotary_follows_head_parity_exactly():
     d, H, D = attn.dim, attn.num_heads, attn.head_dim
     rec = AttnRecorder()
     with torch.no_grad():
-        attn(x, None, sa, attn_gate, None, rot, rec, cu_tensor([0, T]), T, 10 ** 6)
+        call_attn(attn, x, None, sa, attn_gate, None, rot, rec, cu_tensor([0, T]), T, 10 ** 6)
         qkv = F.linear(x, sa[0] * attn.qkvo[:3 * d].float()).view(T, 3, H, D)
         q, k = (F.rms_norm(qkv[:, i], (D,)) for i in (0, 1))
     call = rec.calls[0]
@@ -818,7 +825,7 @@ def rotary_readout(rot, P):
 
 def check_rotary_state(rot, freqs32, freqs64, scale, P):
     """rot's frequencies equal the float32 reference bit for bit (and the float64 loop to
-    float32 rounding), its tables equal the SPEC's float32-then-bf16 tables exactly, and the
+    float32 rounding), its tables equal ALGORITHM.md 2.9's float32-then-bf16 tables exactly, and the
     tables are cos/sin of the float64 angles to bf16 rounding."""
     D = rot.head_dim
     assert rot.attn_scale == pytest.approx(scale, rel=1e-12, abs=0)
@@ -838,7 +845,7 @@ def check_rotary_state(rot, freqs32, freqs64, scale, P):
 
 
 def test_rotary_tables_are_float32_then_bf16():
-    """SPEC 2: the tables are built with float32 positions, torch.outer and cos/sin in
+    """ALGORITHM.md 2.9: the tables are built with float32 positions, torch.outer and cos/sin in
     float32, then bf16; float64 angles would give other bf16 values at large positions."""
     P = 2 * 24 * 2048  # the record's paired tables: 2 x the 48k-token packed sequence
     rot = tg.YaRNRotary(128, P, 128)
@@ -972,7 +979,7 @@ def test_smear_mixes_previous_token_into_x0():
     got = {}
     for lam in (0.0, 0.8):
         with torch.no_grad():
-            model.scalars[tg.SC_SMEAR] = lam
+            model.scalar_views().smear_lambda.fill_(lam)
         exp = emb.clone()
         for t in range(1, T):
             exp[t] = emb[t] + lam * torch.sigmoid(emb[t, :GATE] @ w) * emb[t - 1]
@@ -996,7 +1003,7 @@ def test_unet_skip_from_layer3_to_layer6(logit_capture):
     runs = {}
     for skip in (-30.0, 0.3, 30.0):  # gate scale sigmoid(skip) * 2: ~0, 1.15, ~2
         with torch.no_grad():
-            model.scalars[tg.SC_SKIP] = skip
+            model.scalar_views().skip_lambda.fill_(skip)
         with module_io(model) as (inputs, _):
             eval_loss(model, inp, tgt, cu)
         _, ref = ref_forward(model, inp, cu, 1, 3)
@@ -1012,7 +1019,7 @@ def test_unet_skip_from_layer3_to_layer6(logit_capture):
     # with the gate ~0 the layer-6 input is resid * x5 + x0_lambda * x0, no skip term
     sc = scalars(model)
     with torch.no_grad():
-        model.scalars[tg.SC_SKIP] = -30.0
+        model.scalar_views().skip_lambda.fill_(-30.0)
     _, ref = ref_forward(model, inp, cu, 1, 3)
     x5, x0 = ref["out"][5], ref["x0"]
     no_skip = ref_rmsnorm(sc["resid"][6] * x5 + f64(model.x0_lambda)[6] * x0)
@@ -1028,7 +1035,7 @@ def test_backout_subtracts_layer7_output(monkeypatch):
     pre_final = {}
     for b in (0.0, 0.4):
         with torch.no_grad():
-            model.scalars[tg.SC_BACKOUT] = b
+            model.scalar_views().backout_lambda.fill_(b)
         seen.clear()
         eval_loss(model, inp, tgt, cu)
         pre_final[b] = f64(seen[-1])  # the last rmsnorm is the final one
@@ -1080,7 +1087,7 @@ def test_output_gate_closed_and_open():
     def run(gval):
         gate = torch.full((H, GATE), gval).bfloat16()
         with torch.no_grad():
-            return attn(x, None, sa, gate, None, rot, tg.attention_sdpa, cu_tensor(cu), max_len(cu), 4)
+            return call_attn(attn, x, None, sa, gate, None, rot, tg.attention_sdpa, cu_tensor(cu), max_len(cu), 4)
 
     open_ref = ref_attention_layer(f64(x), f64(attn.qkvo), 0.9, 1.1, torch.full((H, GATE), 1e4, dtype=F64),
                                    None, None, H, D, cu, 4, 0.1, ref_freqs(D), paired=False, key_offset=True)
@@ -1170,7 +1177,7 @@ def test_gradient_flow_and_embed_split():
     # the input path now reads embed: x0 = rmsnorm(smear(embed[tokens]))
     with torch.no_grad():
         model.embed.add_(torch.randn(model.embed.shape) * 0.3)
-        model.scalars[tg.SC_SMEAR] = 0.0
+        model.scalar_views().smear_lambda.fill_(0.0)
     with module_io(model) as (inputs, _):
         eval_loss(model, inp, tgt, cu)
     assert_close(inputs[(0, "attn")], ref_rmsnorm(f64(model.embed)[inp]), atol=1e-5, msg="x0 from embed")
@@ -1198,7 +1205,7 @@ def ref_softcap_f32(z):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mtp_loss_value_and_gradient_match_float64_reference(dtype):
-    """SPEC 2.6: sum_t sum_k w[k] CE(softcap(logits)_t, target_{t+k}) in float32 from the
+    """ALGORITHM.md 2.6: sum_t sum_k w[k] CE(softcap(logits)_t, target_{t+k}) in float32 from the
     raw logits; value and gradient against autograd of a float64 reference, and against the
     loss as first written (per-offset gather) in float32."""
     g = torch.Generator().manual_seed(90)
@@ -1278,7 +1285,7 @@ def test_fp8_mm_matches_quantized_reference(device):
     out = tg.fp8_mm(x, w, xs, ws, gs)[0]
     assert out.dtype == torch.bfloat16
 
-    def q(t, s, dt):  # SPEC: t / s in t's dtype (bf16), then cast; the products in float64
+    def q(t, s, dt):  # ALGORITHM.md 2.12: t / s in t's dtype (bf16), then cast; the products in float64
         return (t.detach() / s).to(dt).double() * s
 
     xq, wq = q(x, xs, torch.float8_e4m3fn), q(w, ws, torch.float8_e4m3fn)
@@ -1309,7 +1316,7 @@ def test_fp8_ops_fake_tensors_match_real_outputs(device):
 
 
 # ------------------------------------------------------------------------------------
-# 10. the validation metric's op order (SPEC 2.6)
+# 10. the validation metric's op order (ALGORITHM.md 2.6)
 # ------------------------------------------------------------------------------------
 
 def record_val_loss(x, W, targets):
@@ -1365,7 +1372,7 @@ def test_compiled_validation_loss_equals_the_record_op_order_compiled():
 def test_training_forward_takes_the_fused_head_when_chosen(monkeypatch):
     """With fused_loss set, the training loss is fused_loss_head(x, lm_head, targets, mtp
     weights, the backward's gradient scale): the kernel itself is checked under the
-    interpreter (tests/fused_kernels_check.py). Off, the head is the unfused one, unchanged."""
+    interpreter (tools/fused_kernels_check.py). Off, the head is the unfused one, unchanged."""
     model = tiny_model(seed=110)
     randomize(model, seed=111)
     T = 32
@@ -1423,7 +1430,7 @@ def test_trainer_tells_the_head_the_gradient_scale_of_its_backward(tmp_path):
 
 def test_mlp_takes_the_fused_matmuls_when_chosen(monkeypatch):
     """With set_fused_mlp(True) every MLP computes fused_mlp(x, c_fc, c_proj) (the kernels are
-    checked under the interpreter, tests/fused_kernels_check.py); off, the record's MLP, bitwise."""
+    checked under the interpreter, tools/fused_kernels_check.py); off, the record's MLP, bitwise."""
     model = tiny_model(seed=120)
     randomize(model, seed=121)
     x = torch.randn(16, model.args.model_dim, generator=torch.Generator().manual_seed(122))

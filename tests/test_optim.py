@@ -1,6 +1,6 @@
 """Tests of the optimizers (train_gpt.py section 3) and the symmetric matmuls (section 2a).
 
-Every expectation comes from an independent reference written here from SPEC section 3
+Every expectation comes from an independent reference written here from ALGORITHM.md section 3
 (naive loops in float64, SVD polar factors), never from the code's own output.
 """
 import math
@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-import train_gpt as T
+import train_gpt as tg
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -31,7 +31,7 @@ def _one_thread():
     yield
     torch.set_num_threads(n)
 
-# ---- reference hyperparameters, transcribed from SPEC 3 -------------------------------
+# ---- reference hyperparameters, transcribed from ALGORITHM.md 3 ---------------------
 PE_COEFFS = [
     (8.156554524902461, -22.48329292557795, 15.878769915207462),
     (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -133,7 +133,7 @@ def ref_polar_express(G):
 
 
 class RefMuon:
-    """One NorMuon matrix, float64, straight from SPEC 3 items 1-5. The variance
+    """One NorMuon matrix, float64, straight from ALGORITHM.md 3.1-3.5. The variance
     normalization (3.4) treats each unit on its own: attention's Q, K, V, O blocks, or the
     whole MLP matrix; each unit keeps its own Frobenius norm."""
 
@@ -190,14 +190,14 @@ class RefAdam:
 
 
 def make_opt(model, rank=0, world_size=1, **kw):
-    return T.Optimizers(model, T.Hyperparameters(), rank, world_size, **kw)
+    return tg.Optimizers(model, tg.Hyperparameters(), rank, world_size, **kw)
 
 
 # ---- Polar Express -----------------------------------------------------------------------
 @pytest.mark.parametrize("shape", [(3072, 768), (768, 3072)])
 def test_polar_express_matches_svd_polar_factor(shape):
     G = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    O = T.polar_express(G).double()
+    O = tg.polar_express(G).double()
     assert O.shape == G.shape
     U, _, Vh = torch.linalg.svd(G.double(), full_matrices=False)
     polar = U @ Vh
@@ -210,7 +210,7 @@ def test_polar_express_bf16_and_batched():
     gen = torch.Generator().manual_seed(2)
     G = torch.randn(3, 48, 160, generator=gen)
     G[1] *= 1e3  # the batch is normalized per matrix
-    O = T.polar_express(G.bfloat16())
+    O = tg.polar_express(G.bfloat16())
     assert O.dtype == torch.bfloat16 and O.shape == G.shape
     for k in range(3):
         U, _, Vh = torch.linalg.svd(G[k].double(), full_matrices=False)
@@ -220,8 +220,8 @@ def test_polar_express_bf16_and_batched():
         s = torch.linalg.svdvals(O[k].double())
         assert 0.7 <= s.min().item() and s.max().item() <= 1.3
     # 2-D input gives the same result as a batch of one
-    O2 = T.polar_express(G[0])
-    assert torch.allclose(O2, T.polar_express(G[:1])[0])
+    O2 = tg.polar_express(G[0])
+    assert torch.allclose(O2, tg.polar_express(G[:1])[0])
 
 
 def test_attention_update_is_orthogonalized_as_four_blocks():
@@ -234,12 +234,12 @@ def test_attention_update_is_orthogonalized_as_four_blocks():
         s = torch.linspace(0.5, 1.0, d, dtype=torch.float64)
         blocks.append(scale * Q @ torch.diag(s) @ R)
     u = torch.cat(blocks).float().unsqueeze(0)  # (1, 4d, d)
-    o = T.orthogonalize_update(u, attn=True)[0].double()
+    o = tg.orthogonalize_update(u, attn=True)[0].double()
     for k in range(4):
         sv = torch.linalg.svdvals(o[k * d:(k + 1) * d])
         assert 0.8 <= sv.min().item() and sv.max().item() <= 1.2, (k, sv.min().item(), sv.max().item())
     # orthogonalizing the whole (4d, d) matrix instead would leave the small blocks tiny
-    whole = T.orthogonalize_update(u, attn=False)[0].double()
+    whole = tg.orthogonalize_update(u, attn=False)[0].double()
     assert torch.linalg.svdvals(whole[d:2 * d]).max().item() < 0.1
 
 
@@ -265,9 +265,9 @@ INTERPRETER_BROKEN = _interpreter_broken_by_numpy()
 
 
 def run_interpreted(script: str) -> str:
-    """Runs a check script of tests/ under the Triton interpreter; returns its output."""
+    """Runs a check script of tools/ under the Triton interpreter; returns its output."""
     env = {**os.environ, "TRITON_INTERPRET": "1"}
-    res = subprocess.run([sys.executable, os.path.join(HERE, script)], env=env,
+    res = subprocess.run([sys.executable, os.path.join(HERE, "..", "tools", script)], env=env,
                          capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stdout + res.stderr
     return res.stdout
@@ -285,7 +285,7 @@ def compile_for_hopper(jit, types: dict, consts: dict, what: str, **options):
     """Triton's sm90 compile of a JIT kernel (no GPU needed): `types` gives each runtime
     argument's type, `consts` the constexprs. Skips where Triton cannot compile for CUDA.
     Checks the machine code exists and the shared memory fits one H100 block."""
-    if T.triton is None or T._TRITON_INTERPRET:
+    if tg.triton is None or tg._TRITON_INTERPRET:
         pytest.skip("needs Triton's compiler (no TRITON_INTERPRET=1)")
     import triton
     from triton.backends.compiler import GPUTarget
@@ -307,9 +307,9 @@ def test_triton_sym_kernels_compile_for_hopper():
     catch code that only the real compiler rejects; here the PTX must also use Hopper's
     warpgroup tensor-core instructions (wgmma), and the shared memory must fit one block."""
     compiled = 0
-    for kernel in (T._xxt_kernel, T._ba_plus_caa_kernel):
+    for kernel in (tg._xxt_kernel, tg._ba_plus_caa_kernel):
         jit = kernel.fn  # the autotuner wraps the JIT function
-        types = {name: "*bf16" if name in ("A", "C") else "fp32" if name in ("alpha", "beta") else "i32"
+        types = {name: "*bf16" if name in ("A", "C") else "fp32" if name in ("coef_b", "coef_c") else "i32"
                  for name in jit.arg_names}
         for cfg in kernel.configs:
             what = f"{jit.__name__} {cfg}"
@@ -317,12 +317,12 @@ def test_triton_sym_kernels_compile_for_hopper():
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             assert "wgmma.mma_async" in out.asm["ptx"], f"{what}: no wgmma in the PTX"
             compiled += 1
-    assert compiled == 2 * len(T._xxt_kernel.configs) >= 2
+    assert compiled == 2 * len(tg._xxt_kernel.configs) >= 2
 
 
 @pytest.mark.skipif(bool(INTERPRETER_BROKEN), reason=INTERPRETER_BROKEN)
 def test_fused_kernels_under_interpreter():
-    """The fused kernels under the interpreter at small shapes (tests/fused_kernels_check.py).
+    """The fused kernels under the interpreter at small shapes (tools/fused_kernels_check.py).
     Loss head (kernels 2d): against a float64 reference and the unfused FP8 head, the loss,
     the e5m2 gradient (rounded once), grad_x and grad_w, for K = 3, 2, 1, grad_accum 8 and
     1, an incoming gradient other than the one the forward was told, repeated targets and
@@ -336,11 +336,11 @@ def test_fused_kernels_under_interpreter():
 def test_fused_loss_kernel_compiles_for_hopper():
     """The loss kernel compiles to sm90 code with its GPU config and bf16 logits; its e5m2
     stores round to nearest (cvt.rn), and its shared memory fits one H100 block."""
-    meta = dict(T._FUSED_LOSS_META)
+    meta = dict(tg._FUSED_LOSS_META)
     num_warps = meta.pop("num_warps")
     types = dict(logits="*bf16", targets="*i64", weights="*fp32", loss_out="*fp32", g_out="*fp8e5",
                  gt_out="*fp8e5", scale_ptr="*fp32", T="i32", V="i32")
-    out = compile_for_hopper(T._mtp_loss_grad_kernel, types, {**meta, "TO_E5M2": True}, "loss kernel",
+    out = compile_for_hopper(tg._mtp_loss_grad_kernel, types, {**meta, "TO_E5M2": True}, "loss kernel",
                              num_warps=num_warps)
     assert "cvt.rn.satfinite.e5m2x2.f32" in out.asm["ptx"]
 
@@ -348,27 +348,27 @@ def test_fused_loss_kernel_compiles_for_hopper():
 def test_fused_mlp_kernel_compiles_for_hopper():
     """Every autotune config of the MLP matmul, forward and backward epilogue, compiles for
     sm90 with bf16 operands; the PTX uses wgmma and the shared memory fits one H100 block."""
-    jit = T._mlp_matmul_kernel.fn
+    jit = tg._mlp_matmul_kernel.fn
     types = {name: "*bf16" if name in ("X", "W", "H", "OUT") else "i32" for name in jit.arg_names}
     compiled = 0
-    for cfg in T._mlp_matmul_kernel.configs:
+    for cfg in tg._mlp_matmul_kernel.configs:
         for backward in (False, True):
             what = f"{cfg} backward={backward}"
             out = compile_for_hopper(jit, types, {**cfg.kwargs, "BACKWARD": backward, "UPCAST": False}, what,
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             assert "wgmma.mma_async" in out.asm["ptx"], f"{what}: no wgmma in the PTX"
             compiled += 1
-    assert compiled == 2 * len(T._mlp_matmul_kernel.configs) >= 2
+    assert compiled == 2 * len(tg._mlp_matmul_kernel.configs) >= 2
 
 
 def test_sym_matmul_torch_fallback():
     gen = torch.Generator().manual_seed(4)
     A = torch.randn(2, 5, 7, generator=gen, dtype=torch.float64)
-    torch.testing.assert_close(T.sym_xxt(A), torch.einsum("bik,bjk->bij", A, A))
-    S = T.sym_xxt(A)
+    torch.testing.assert_close(tg.sym_xxt(A), torch.einsum("bik,bjk->bij", A, A))
+    S = tg.sym_xxt(A)
     ref = 0.3 * S + -1.7 * torch.einsum("bik,bkj->bij", S, S)
-    torch.testing.assert_close(T.sym_ba_plus_caa(S, 0.3, -1.7), ref)
-    torch.testing.assert_close(T.sym_ba_plus_caa(S[0], 0.3, -1.7), ref[0])
+    torch.testing.assert_close(tg.sym_ba_plus_caa(S, 0.3, -1.7), ref)
+    torch.testing.assert_close(tg.sym_ba_plus_caa(S[0], 0.3, -1.7), ref[0])
 
 
 # ---- mantissa ----------------------------------------------------------------------------
@@ -377,11 +377,11 @@ def test_mantissa_reconstructs_fp32_master_bit_for_bit():
     master = torch.randn(4096, generator=gen)
     p = torch.empty(4096, dtype=torch.bfloat16)
     mant = torch.empty(4096, dtype=torch.uint16)
-    T.split_fp32_to_bf16_and_mantissa(master.clone(), p, mant)
+    tg.split_fp32_to_bf16_and_mantissa(master.clone(), p, mant)
     for it in range(200):
         upd = torch.randn(4096, generator=gen) * 10.0 ** (-1 - it % 6)
-        cur = T.fp32_from_bf16_and_mantissa(p, mant)
-        T.split_fp32_to_bf16_and_mantissa(cur - upd - 0.01 * cur, p, mant)
+        cur = tg.fp32_from_bf16_and_mantissa(p, mant)
+        tg.split_fp32_to_bf16_and_mantissa(cur - upd - 0.01 * cur, p, mant)
         master = master - upd - 0.01 * master
     bits = master.numpy().view(np.uint32)
     assert np.array_equal(p.view(torch.int16).numpy().view(np.uint16), (bits >> 16).astype(np.uint16))
@@ -420,7 +420,7 @@ def test_normuon_two_steps_match_reference():
 def test_normuon_wide_matrix_uses_per_column_second_moment():
     gen = torch.Generator().manual_seed(6)
     p = nn.Parameter(torch.randn(16, 64, generator=gen).bfloat16())
-    muon = T.NorMuon([p], ["mlp_fc"], weight_decay=MUON_WD, beta2=MUON_B2)
+    muon = tg.NorMuon([p], ["mlp_fc"], weight_decay=MUON_WD, beta2=MUON_B2)
     assert muon.groups[0].second_moment.shape == (1, 1, 1, 64)  # (n, units, 1, cols)
     ref = RefMuon(p, "mlp_fc")
     for step in range(2):
@@ -428,12 +428,12 @@ def test_normuon_wide_matrix_uses_per_column_second_moment():
         p.grad = g.clone()
         muon.step(0.02, 0.9)
         ref.step(g, 0.02, 0.9)
-    got = T.fp32_from_bf16_and_mantissa(p.detach(), muon.groups[0].mantissa[0]).double()
+    got = tg.fp32_from_bf16_and_mantissa(p.detach(), muon.groups[0].mantissa[0]).double()
     torch.testing.assert_close(got, ref.p, rtol=0, atol=2e-5)
 
 
 def ref_normuon_unit(o, s, beta2):
-    """SPEC 3.4 for one unit (rows >= cols: per row), float64: v = mean of squares per row,
+    """ALGORITHM.md 3.4 for one unit (rows >= cols: per row), float64: v = mean of squares per row,
     s = lerp(s, v, 1 - beta2), r = rsqrt(max(s, 1e-10)),
     scale = r * sqrt(sum(v) * n) / sqrt(sum(v * n * r^2)). Returns (o * scale, new s)."""
     o, s = o.double(), s.double()
@@ -446,7 +446,7 @@ def ref_normuon_unit(o, s, beta2):
 
 
 def test_normuon_normalizes_each_attention_block_on_its_own():
-    """SPEC 3.4: for attention the unit is each d x d block (Q, K, V, O): every block keeps
+    """ALGORITHM.md 3.4: for attention the unit is each d x d block (Q, K, V, O): every block keeps
     its own Frobenius norm (to bf16 rounding), the result agrees with a float64 reference to
     bf16 tolerance and is bf16; keeping the whole (4d, d) norm would move the blocks apart.
     For an MLP matrix the unit is the whole matrix."""
@@ -457,7 +457,7 @@ def test_normuon_normalizes_each_attention_block_on_its_own():
     o = torch.randn(1, 4 * d, d, generator=gen).bfloat16()
     s = torch.rand(1, 4, d, 1, generator=gen) * torch.tensor([1.0, 10.0, 0.1, 3.0]).view(1, 4, 1, 1) * 1e-2
     s_before = s.clone()
-    got = T.normuon_scale_(o.clone().view(1, 4, d, d), s, MUON_B2).view(4 * d, d)
+    got = tg.normuon_scale_(o.clone().view(1, 4, d, d), s, MUON_B2).view(4 * d, d)
     assert got.dtype == torch.bfloat16
     whole_norms = []
     for k in range(4):
@@ -474,7 +474,7 @@ def test_normuon_normalizes_each_attention_block_on_its_own():
     # MLP: one unit, the whole (4d, d) matrix
     s_mlp = torch.rand(1, 1, 4 * d, 1, generator=gen) * 1e-2
     exp, _ = ref_normuon_unit(o[0], s_mlp[0, 0].clone(), MUON_B2)
-    got = T.normuon_scale_(o.clone().view(1, 1, 4 * d, d), s_mlp, MUON_B2).view(4 * d, d)
+    got = tg.normuon_scale_(o.clone().view(1, 1, 4 * d, d), s_mlp, MUON_B2).view(4 * d, d)
     torch.testing.assert_close(got.double(), exp, rtol=2 ** -7, atol=1e-6)
 
 
@@ -486,21 +486,21 @@ def test_normuon_attention_step_keeps_block_norms_of_the_orthogonalized_update()
     d = 32
     p = nn.Parameter(torch.zeros(4 * d, d, dtype=torch.bfloat16))
     grad = torch.randn(4 * d, d, generator=gen) * torch.tensor([1.0, 5.0, 0.2, 2.0]).repeat_interleave(d)[:, None]
-    muon = T.NorMuon([p], ["attn"], weight_decay=0.0, beta2=MUON_B2, ortho_dtype=torch.bfloat16)
+    muon = tg.NorMuon([p], ["attn"], weight_decay=0.0, beta2=MUON_B2, ortho_dtype=torch.bfloat16)
     p.grad = grad.bfloat16()
     lr, mu = 0.02, 0.9
     muon.step(lr, mu)
-    master = T.fp32_from_bf16_and_mantissa(p.detach(), muon.groups[0].mantissa[0]).double()
+    master = tg.fp32_from_bf16_and_mantissa(p.detach(), muon.groups[0].mantissa[0]).double()
     u = -master / (lr * math.sqrt(4))  # lr_p = lr * max(1, 4d/d)^0.5
     nesterov = (grad.bfloat16().float() * (1 - mu)).lerp(grad.bfloat16().float(), 1 - mu)  # lerp(g, m, mu), m = (1-mu) g
     for k in range(4):
-        ortho = T.polar_express(nesterov[k * d:(k + 1) * d].bfloat16()).double()
+        ortho = tg.polar_express(nesterov[k * d:(k + 1) * d].bfloat16()).double()
         got = torch.linalg.norm(u[k * d:(k + 1) * d])
         assert abs(got / torch.linalg.norm(ortho) - 1) < 2 ** -6, k
 
 
 def test_polar_express_follows_the_record_rounding_order():
-    """SPEC 3.3 in bf16, written out: cast to bf16, transpose a tall matrix, norm / scale /
+    """ALGORITHM.md 3.3 in bf16, written out: cast to bf16, transpose a tall matrix, norm / scale /
     divide as bf16 tensor ops, then per iteration A = X X^T, B = b A + c A A (on CPU one
     baddbmm stands in for the Triton kernel, both rounding once), and X = a X + B X fused
     (attention blocks) or split `C = B @ X; C.add_(X, alpha=a)` (MLP matrices: one op,
@@ -523,7 +523,7 @@ def test_polar_express_follows_the_record_rounding_order():
             else:
                 X = torch.baddbmm(X, B, X, beta=a)
         exp = X.mT if tall else X
-        got = T.polar_express(G.bfloat16(), split=split)
+        got = tg.polar_express(G.bfloat16(), split=split)
         assert got.dtype == torch.bfloat16 and torch.equal(got, exp), shape
         if split:  # the two-rounding form gives another update
             X = G.bfloat16().mT
@@ -537,20 +537,20 @@ def test_polar_express_follows_the_record_rounding_order():
             assert rel > 1e-3, rel
     # the qkvo stack goes through the fused form block by block, MLP matrices through the split one
     G = torch.randn(2, 128, 32, generator=gen).bfloat16()
-    assert torch.equal(T.orthogonalize_update(G, attn=True),
-                       T.polar_express(G.view(8, 32, 32)).view(2, 128, 32))
-    assert torch.equal(T.orthogonalize_update(G, attn=False), T.polar_express(G, split=True))
+    assert torch.equal(tg.orthogonalize_update(G, attn=True),
+                       tg.polar_express(G.view(8, 32, 32)).view(2, 128, 32))
+    assert torch.equal(tg.orthogonalize_update(G, attn=False), tg.polar_express(G, split=True))
 
 
 def test_adam_moment_is_mul_then_add_and_scalars_are_python_floats():
-    """SPEC 3, Adam, record arithmetic in fp32: m.mul_(b1).add_(g, alpha=1-b1) (a lerp
+    """ALGORITHM.md 3.8, record arithmetic in fp32: m.mul_(b1).add_(g, alpha=1-b1) (a lerp
     rounds differently), v.mul_(b2).addcmul_(g, g, value=1-b2), upd = m / (sqrt(v) + eps)
     * step_size with step_size a Python float, cautious decay with a Python-float factor."""
     gen = torch.Generator().manual_seed(10)
     p = nn.Parameter(torch.randn(64, 48, generator=gen))
     p.label = "value_embed"
     b1, b2, lr_mul, wd_mul = REF_ADAM["value_embed"]
-    adam = T.DistAdam([p], ["value_embed"], eps=ADAM_EPS, weight_decay=ADAM_WD)
+    adam = tg.DistAdam([p], ["value_embed"], eps=ADAM_EPS, weight_decay=ADAM_WD)
     m, v, w = torch.zeros(64, 48), torch.zeros(64, 48), p.detach().clone()
     lerped = torch.zeros(64, 48)
     for t, lr in [(1, 0.008), (2, 0.008 * 1.52)]:
@@ -709,7 +709,7 @@ def test_float64_grad_sums_are_exact_for_any_split_and_order(param_dtype, spread
         k = 8 // splits
         for r in range(splits):
             p = nn.Parameter(torch.zeros(shape, dtype=param_dtype))
-            sums = T.GradSums([p], torch.float64)
+            sums = tg.GradSums([p], torch.float64)
             _backward_each(p, [grads[i] for i in order[r * k:(r + 1) * k]])
             assert p.grad is None  # the hook moved it into the float64 buffer
             part = sums.get(p)
@@ -730,14 +730,14 @@ def test_param_dtype_sums_depend_on_order_and_clear_resets():
     outs = []
     for order in (range(8), reversed(range(8))):
         p = nn.Parameter(torch.zeros(32, 32, dtype=torch.bfloat16))
-        sums = T.GradSums([p], None)
+        sums = tg.GradSums([p], None)
         _backward_each(p, [grads[i] for i in order])
         outs.append(sums.get(p).clone())
         assert sums.get(p) is p.grad and p.grad.dtype == torch.bfloat16
     assert not torch.equal(outs[0], outs[1])
 
     p = nn.Parameter(torch.zeros(32, 32, dtype=torch.bfloat16))
-    sums = T.GradSums([p], torch.float32)
+    sums = tg.GradSums([p], torch.float32)
     _backward_each(p, grads[:3])
     sums.clear(p)
     assert sums.get(p) is None
@@ -748,12 +748,12 @@ def test_param_dtype_sums_depend_on_order_and_clear_resets():
 def test_grad_sum_dtype_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
     for ws in (1, 2, 4, 8):
-        assert T.grad_sum_dtype("auto", cpu, ws) is torch.float64
-        assert T.grad_sum_dtype("param", cuda, ws) is None
-        assert T.grad_sum_dtype("float32", cpu, ws) is torch.float32
-    assert [T.grad_sum_dtype("auto", cuda, ws) for ws in (1, 2, 4, 8)] == [torch.float32] * 3 + [None]
+        assert tg.grad_sum_dtype("auto", cpu, ws) is torch.float64
+        assert tg.grad_sum_dtype("param", cuda, ws) is None
+        assert tg.grad_sum_dtype("float32", cpu, ws) is torch.float32
+    assert [tg.grad_sum_dtype("auto", cuda, ws) for ws in (1, 2, 4, 8)] == [torch.float32] * 3 + [None]
     with pytest.raises(ValueError, match="grad_sum_dtype"):
-        T.grad_sum_dtype("bfloat16", cpu, 1)
+        tg.grad_sum_dtype("bfloat16", cpu, 1)
 
 
 def test_optimizers_step_from_the_sums_not_p_grad():
@@ -761,8 +761,8 @@ def test_optimizers_step_from_the_sums_not_p_grad():
     is None and the step must use the buffers. Reference: the same model given the sum as
     p.grad (integer multiples of 2^-6, so the sum is exact in every dtype)."""
     a, b = FakeModel(), FakeModel()
-    opt_a = T.Optimizers(a, T.Hyperparameters(), 0, 1)
-    opt_b = T.Optimizers(b, T.Hyperparameters(grad_sum_dtype="param"), 0, 1)
+    opt_a = tg.Optimizers(a, tg.Hyperparameters(), 0, 1)
+    opt_b = tg.Optimizers(b, tg.Hyperparameters(grad_sum_dtype="param"), 0, 1)
     assert opt_a.grads.dtype is torch.float64 and opt_b.grads.dtype is None
     named = [(n, p) for n, p in a.named_parameters() if n != "embed"]
     for step in range(2):  # an even (Muon only) and an odd (Muon + Adam) step
@@ -784,7 +784,7 @@ def test_optimizers_step_from_the_sums_not_p_grad():
 def test_muon_groups():
     kinds = ["attn"] * 10 + ["mlp"] * 22
     for ws in (1, 2, 4, 8):
-        groups = T.muon_groups(kinds, ws)
+        groups = tg.muon_groups(kinds, ws)
         flat = [i for g in groups for i in g if i is not None]
         assert sorted(flat) == list(range(32)), ws
         for g in groups:
@@ -793,16 +793,16 @@ def test_muon_groups():
             for r in range(ws):
                 chunk = [i for i in g[r * k:(r + 1) * k] if i is not None]
                 assert len({kinds[i] for i in chunk}) <= 1, (ws, r, chunk)
-    assert T.muon_groups(kinds, 1) == [list(range(10)), list(range(10, 32))]
-    assert T.muon_groups(kinds, 2) == [list(range(10)), list(range(10, 32))]
-    assert T.muon_groups(kinds, 4) == [list(range(10)) + [None] * 2, list(range(10, 32)) + [None] * 2]
-    g8 = T.muon_groups(kinds, 8)
+    assert tg.muon_groups(kinds, 1) == [list(range(10)), list(range(10, 32))]
+    assert tg.muon_groups(kinds, 2) == [list(range(10)), list(range(10, 32))]
+    assert tg.muon_groups(kinds, 4) == [list(range(10)) + [None] * 2, list(range(10, 32)) + [None] * 2]
+    g8 = tg.muon_groups(kinds, 8)
     assert g8 == [list(range(16)), list(range(16, 32))]
     owners = {r: [g[2 * r:2 * r + 2] for g in g8] for r in range(8)}
     assert owners[0] == [[0, 1], [16, 17]] and owners[4] == [[8, 9], [24, 25]]
     assert owners[5] == [[10, 11], [26, 27]]  # ranks 5-7 get MLP in the first group
     with pytest.raises(ValueError):
-        T.muon_groups(["attn"] * 3 + ["mlp"] * 5, 2, packed=True)
+        tg.muon_groups(["attn"] * 3 + ["mlp"] * 5, 2, packed=True)
 
 
 SPLIT_AFTER = 3  # the split happens after this (odd) step
@@ -818,7 +818,7 @@ def _train(rank, world_size, packed, arm, steps=6):
     """The loop's protocol: 8 virtual ranks = world_size * grad_accum micro-batches."""
     model = FakeModel()
     opt = make_opt(model, rank, world_size, muon_packed=packed)
-    accum = T.VIRTUAL_RANKS // world_size
+    accum = tg.VIRTUAL_RANKS // world_size
     named = list(model.named_parameters())
     for step in range(steps):
         adam_step = step % 2 == 1
@@ -888,7 +888,7 @@ def test_distributed_matches_single_process(world_size, configs, tmp_path, singl
 def test_compiled_optimizer_pieces_match_the_reference_without_recompiles():
     """With compile=True, NorMuon's elementwise work (normuon_apply_) and the Adam update run
     through torch.compile(fullgraph=True) (inductor's CPU code here, Triton on GPU). Against the
-    float64 references of SPEC 3, over steps with a changing lr and momentum, they agree like
+    float64 references of ALGORITHM.md 3, over steps with a changing lr and momentum, they agree like
     the eager code does; the scheduled values are 0-d tensors, so after the first step no
     graph is compiled again (error_on_recompile)."""
     torch._dynamo.reset()
@@ -896,8 +896,8 @@ def test_compiled_optimizer_pieces_match_the_reference_without_recompiles():
     attn = nn.Parameter(torch.randn(4 * D, D, generator=gen).bfloat16())
     mlp = nn.Parameter(torch.randn(4 * D, D, generator=gen).bfloat16())
     emb = nn.Parameter(torch.randn(V, D, generator=gen).bfloat16())
-    muon = T.NorMuon([attn, mlp], ["attn", "mlp_proj"], weight_decay=MUON_WD, beta2=MUON_B2, compile=True)
-    adam = T.DistAdam([emb], ["value_embed"], eps=ADAM_EPS, weight_decay=ADAM_WD, compile=True)
+    muon = tg.NorMuon([attn, mlp], ["attn", "mlp_proj"], weight_decay=MUON_WD, beta2=MUON_B2, compile=True)
+    adam = tg.DistAdam([emb], ["value_embed"], eps=ADAM_EPS, weight_decay=ADAM_WD, compile=True)
     refs = [RefMuon(attn, "attn"), RefMuon(mlp, "mlp_proj")]
     ref_adam = RefAdam(emb, "value_embed")
     schedule = [(1.0, 0.85), (1.52, 0.9), (1.73, 0.95), (0.4, 0.95)]
@@ -912,7 +912,7 @@ def test_compiled_optimizer_pieces_match_the_reference_without_recompiles():
             ref.step(g, MUON_LR * lr_mult, mu)
         ref_adam.step(g_emb, ADAM_LR * lr_mult)
     for j, ref in enumerate(refs):
-        got = T.fp32_from_bf16_and_mantissa(muon.params[j].detach(), muon.groups[j].mantissa[0]).double()
+        got = tg.fp32_from_bf16_and_mantissa(muon.params[j].detach(), muon.groups[j].mantissa[0]).double()
         torch.testing.assert_close(got, ref.p, rtol=0, atol=2e-5)
     got = emb.detach().double()
     assert torch.all((got - ref_adam.p).abs() <= ref_adam.p.abs() * 2 ** -7)

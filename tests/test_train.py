@@ -523,7 +523,7 @@ def test_resume_after_the_warm_up_continues_from_the_checkpoint(tmp_path):
     path = a.checkpoint(3, 0.0, "w")
     b = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
     b.warmup()
-    first, _, position = b.load_checkpoint(torch.load(path))
+    first, _, position = tg.restore_checkpoint(torch.load(path), b.model, b.opt, 0, b.device)
     assert first == 3 and b.model.windows == a.model.windows
     b.restart_data(first, position)
     for step in (3, 4):
@@ -599,3 +599,36 @@ def test_a_dead_or_hung_peer_ends_the_survivor_with_one_line_naming_the_checkpoi
         assert f"resumed from {ckpt}" in out
         vals, _ = parse(out)
         assert vals and vals[-1][0] == 11
+
+
+# the flags a resumed run may change, as README's "Checkpoints" lists them: where things go
+# and which kernels compute them, never what is computed (written out, not read from the code)
+RESUMABLE_CHANGES = {"train_files", "val_files", "val_loss_every", "run_id", "log_dir", "device", "attn_backend",
+                     "fp8", "compile", "fused_loss", "fused_mlp", "warmup", "save_model", "checkpoint_every",
+                     "resume", "preset"}
+
+
+def test_resume_refuses_exactly_the_flags_that_change_the_math(tmp_path):
+    base = tg.parse_args(["--preset=tiny"])
+    path = tmp_path / "c.pt"
+    torch.save(dict(format=tg.CHECKPOINT_FORMAT, args=dataclasses.asdict(base), world_size=1), path)
+
+    def other(value):
+        if isinstance(value, bool):
+            return not value
+        if isinstance(value, tuple):
+            return (other(value[0]),) + value[1:]
+        return value + "x" if isinstance(value, str) else value * 2 + 1
+
+    for f in dataclasses.fields(tg.Hyperparameters):
+        if f.name == "resume":  # another checkpoint file with the same contents
+            torch.save(torch.load(path), tmp_path / "d.pt")
+        value = str(tmp_path / "d.pt") if f.name == "resume" else other(getattr(base, f.name))
+        changed = dataclasses.replace(base, **{"resume": str(path), f.name: value})
+        if f.name in RESUMABLE_CHANGES:
+            assert tg.check_resume(changed, 1)["world_size"] == 1, f.name
+        else:
+            with pytest.raises(tg.ConfigError, match=f"other values of --{f.name}="):
+                tg.check_resume(changed, 1)
+    with pytest.raises(tg.ConfigError, match="made by 1 process"):
+        tg.check_resume(dataclasses.replace(base, resume=str(path)), 2)

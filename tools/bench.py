@@ -67,11 +67,11 @@ def step_flops(model, args, batches, step) -> float:
     total = 0.0
     for T, cu in batches:
         total += 6 * n_matmul * T
-        for i in range(args.num_layers):
-            if i == tg.NO_ATTN_LAYER:
+        for layer in tg.LAYERS:
+            if not layer.attention:
                 continue
-            w = (long if i in tg.LONG_LAYERS else short) * bs
-            if i in tg.PAIRED_LAYERS:  # 2T positions of half the heads
+            w = (long if layer.window == "long" else short) * bs
+            if layer.attention == "paired":  # 2T positions of half the heads
                 pairs = attended_keys(2 * cu, 2 * T, w) / 2
             else:
                 pairs = attended_keys(cu, T, w)
@@ -226,14 +226,14 @@ def check_fp8(device) -> bool:
 
 def check_fused_kernels(device, args) -> bool:
     """The fused loss head and MLP (train_gpt 2d, 2e) against float64 and the unfused paths
-    (tests/fused_kernels_check.py, record shapes included), then ms per forward + backward
+    (tools/fused_kernels_check.py, record shapes included), then ms per forward + backward
     of each path at every stage's shapes."""
     ok, why = tg.triton_available(device, "fused kernels")
     if not ok:
         print(f"[SKIP] fused loss head and MLP: {why}")
         return True
     import subprocess
-    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tests" / "fused_kernels_check.py")],
+    res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "fused_kernels_check.py")],
                          capture_output=True, text=True)
     print(res.stdout, end="")
     good = res.returncode == 0

@@ -12,7 +12,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-import train_gpt as T  # noqa: E402
+import train_gpt as tg  # noqa: E402
 
 device = "cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda"
 E5M2 = torch.float8_e5m2
@@ -31,7 +31,7 @@ def rel(a, b):
 
 # ---- the fused loss head ------------------------------------------------------------------
 def reference(logits, targets, weights, grad_scale):
-    """float64, from the SPEC formulas: the summed loss and dloss/dlogits (times grad_scale)."""
+    """float64, from the formulas of ALGORITHM.md 2.6: the summed loss and dloss/dlogits (times grad_scale)."""
     x = logits.double().requires_grad_()
     z = 23 * torch.sigmoid((x + 5) / 7.5)
     n = x.size(0)
@@ -55,28 +55,28 @@ def loss_case(T_, V, d, weights, grad_accum, incoming=None, seed=0):
     name = f"T={T_} V={V} K={len(weights)} 1/{grad_accum}" + (f" incoming {incoming}" if incoming != scale else "")
 
     xa, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
-    fused = T.fused_loss_head(xa, wa, targets, wts, scale)
+    fused = tg.fused_loss_head(xa, wa, targets, wts, scale)
     (fused * incoming).backward()
     xb, wb = x.clone().requires_grad_(), w.clone().requires_grad_()
-    logits = T.fp8_mm(xb, wb, T.FP8_X_SCALE, T.FP8_W_SCALE, T.FP8_GRAD_SCALE)[0]
-    unfused = T.mtp_loss(logits, targets, wts)
+    logits = tg.fp8_mm(xb, wb, tg.FP8_X_SCALE, tg.FP8_W_SCALE, tg.FP8_GRAD_SCALE)[0]
+    unfused = tg.mtp_loss(logits, targets, wts)
     (unfused * incoming).backward()
 
     ref_loss, ref_grad = reference(logits.detach().cpu(), targets.cpu(), wts.cpu(), incoming)
     check(abs(fused.item() - ref_loss) <= 2e-6 * abs(ref_loss), f"{name}: loss {fused.item():.6f} vs float64 {ref_loss:.6f}")
     check(abs(fused.item() - unfused.item()) <= 2e-6 * abs(unfused.item()), f"{name}: loss vs the unfused head")
     # the kernel's e5m2 gradient: dloss/dlogits * incoming / grad_s rounded once
-    _, g8, gt8, x8, w8 = T.fused_loss_head_op(x, w, targets, wts, scale)
-    want = (ref_grad / incoming * scale / T.FP8_GRAD_SCALE).float().to(E5M2)
+    _, g8, gt8, x8, w8 = tg.fused_loss_head_op(x, w, targets, wts, scale)
+    want = (ref_grad / incoming * scale / tg.FP8_GRAD_SCALE).float().to(E5M2)
     same = (g8.cpu().view(torch.uint8) == want.view(torch.uint8)).float().mean().item()
     near = ((g8.cpu().float() - want.float()).abs() <= want.float().abs() * 0.25 + 2 ** -16).all().item()
     check(same >= 0.999 and near, f"{name}: e5m2 gradient = float64 rounded once ({100 * same:.3f}% bitwise, rest 1 ulp)")
     check(torch.equal(gt8.T.cpu().view(torch.uint8), g8.cpu().view(torch.uint8)), f"{name}: (V, T) copy = (T, V) transposed")
     # grad_x, grad_w: the FP8 matmuls of that gradient, against float64 products of the same
     # e5m2 / e4m3 values, and against the unfused head (which rounds through bf16 first)
-    gd = g8.cpu().double() * T.FP8_GRAD_SCALE * (incoming / scale)
-    want_x = gd @ (w8.cpu().double() * T.FP8_W_SCALE)
-    want_w = gd.T @ (x8.cpu().double() * T.FP8_X_SCALE)
+    gd = g8.cpu().double() * tg.FP8_GRAD_SCALE * (incoming / scale)
+    want_x = gd @ (w8.cpu().double() * tg.FP8_W_SCALE)
+    want_w = gd.T @ (x8.cpu().double() * tg.FP8_X_SCALE)
     check(rel(xa.grad.cpu(), want_x) < 1e-2, f"{name}: grad_x vs float64 of the e5m2 gradient ({rel(xa.grad.cpu(), want_x):.1e})")
     check(rel(wa.grad.cpu(), want_w) < 1e-2, f"{name}: grad_w vs float64 of the e5m2 gradient ({rel(wa.grad.cpu(), want_w):.1e})")
     check(rel(xa.grad.cpu(), xb.grad.cpu()) < 0.05 and rel(wa.grad.cpu(), wb.grad.cpu()) < 0.05,
@@ -106,16 +106,16 @@ def mlp_case(n, d, seed):
     check(bool((pre[3, :5] < 0).all()) and bool((pre < 0).any(1).all()), f"{name}: negative pre-activations present")
 
     fused = [t.clone().requires_grad_() for t in (x, c_fc, c_proj)]
-    out = T.fused_mlp(*fused)
+    out = tg.fused_mlp(*fused)
     out.backward(grad)
     ref = [t.double().cpu().requires_grad_() for t in (x, c_fc, c_proj)]
     ref_out = torch.relu(ref[0] @ ref[1].T).square() @ ref[2]
     ref_out.backward(grad.double().cpu())
     plain = [t.clone().requires_grad_() for t in (x, c_fc, c_proj)]
-    plain_out = T.unfused_mlp(*plain)
+    plain_out = tg.unfused_mlp(*plain)
     plain_out.backward(grad)
 
-    h = T.mlp_up_relu2(x, c_fc)
+    h = tg.mlp_up_relu2(x, c_fc)
     ref_h = torch.relu(pre).square()
     check(rel(h, ref_h) < 4e-3 and bool((h.cpu()[pre <= 0] == 0).all()), f"{name}: activation relu(x W^T)^2 "
           f"(rel {rel(h, ref_h):.1e}; exactly 0 where the pre-activation is not positive)")

@@ -1809,22 +1809,37 @@ VE_LAYERS = tuple(i for i, layer in enumerate(LAYERS) if layer.value_embed is no
 GATE_DIM = 12  # gates read the first 12 channels
 
 
-class Scalars(NamedTuple):
-    """Named views of the packed float32 `scalars` parameter (one Adam parameter)."""
-    resid_lambda: Tensor  # (L,): weight of the residual stream before each layer
-    sa_lambda: Tensor  # (L, 2): scales of each attention's W_qkv and W_o
-    smear_lambda: Tensor  # (): the smear gate's scale
-    backout_lambda: Tensor  # (): how much of the backout layer's output is subtracted
-    skip_lambda: Tensor  # (): the U-net skip's gate, through a sigmoid
+class Scalars:
+    """Named views of the packed float32 `scalars` parameter (one Adam parameter) of L
+    layers: [0, L) resid_lambda, [L, 3L) sa_lambda, then smear, backout and skip lambdas.
+    Each view is taken where it is read (so the compiled graph takes it there too)."""
+
+    def __init__(self, flat: Tensor):
+        self.flat, self.L = flat, (flat.numel() - 3) // 3
 
     @staticmethod
     def size(num_layers: int) -> int:
         return 3 * num_layers + 3
 
-    @staticmethod
-    def of(flat: Tensor) -> Scalars:
-        L = (flat.numel() - 3) // 3
-        return Scalars(flat[:L], flat[L:3 * L].view(L, 2), flat[3 * L], flat[3 * L + 1], flat[3 * L + 2])
+    @property
+    def resid_lambda(self) -> Tensor:  # (L,): weight of the residual stream before each layer
+        return self.flat[:self.L]
+
+    @property
+    def sa_lambda(self) -> Tensor:  # (L, 2): scales of each attention's W_qkv and W_o
+        return self.flat[self.L:3 * self.L].view(self.L, 2)
+
+    @property
+    def smear_lambda(self) -> Tensor:  # (): the smear gate's scale
+        return self.flat[3 * self.L]
+
+    @property
+    def backout_lambda(self) -> Tensor:  # (): how much of the backout layer's output is subtracted
+        return self.flat[3 * self.L + 1]
+
+    @property
+    def skip_lambda(self) -> Tensor:  # (): the U-net skip's gate, through a sigmoid
+        return self.flat[3 * self.L + 2]
 
 
 def norm(x: Tensor) -> Tensor:
@@ -2056,7 +2071,7 @@ class GPT(nn.Module):
         self.reset_schedule_state()
 
     def scalar_views(self) -> Scalars:
-        return Scalars.of(self.scalars)
+        return Scalars(self.scalars)
 
     def set_fused_mlp(self, on: bool):
         for block in self.blocks:
@@ -2106,6 +2121,7 @@ class GPT(nn.Module):
     def hidden(self, input_seq: Tensor, cu_seqlens: Tensor, max_seqlen: int) -> Tensor:
         """The final normalized hidden states (T, d): everything before the lm_head."""
         sc = self.scalar_views()
+        resid_lambda, sa_lambda = sc.resid_lambda, sc.sa_lambda
         bs = self.args.block_size
         window = dict(short=self.windows[0] * bs, long=self.windows[1] * bs)
 
@@ -2126,14 +2142,14 @@ class GPT(nn.Module):
                     F.linear(x0[:, :GATE_DIM], self.skip_gate.type_as(x)))
                 x = x + g * skip
             if i == 0:  # x is x0 here: one multiply
-                x = (sc.resid_lambda[0] + self.x0_lambda[0]) * x
+                x = (resid_lambda[0] + self.x0_lambda[0]) * x
             else:
-                x = sc.resid_lambda[i] * x + self.x0_lambda[i] * x0
+                x = resid_lambda[i] * x + self.x0_lambda[i] * x0
             attn_inputs = None
             if layer.attention:
                 has_ve = layer.value_embed is not None
                 attn_inputs = AttentionInputs(
-                    cu_seqlens, max_seqlen, window[layer.window], self.rotary, self.attn_fn, sc.sa_lambda[i],
+                    cu_seqlens, max_seqlen, window[layer.window], self.rotary, self.attn_fn, sa_lambda[i],
                     self.attn_gate_bank[ATTN_LAYERS.index(i)], ves[layer.value_embed] if has_ve else None,
                     self.ve_gate_bank[VE_LAYERS.index(i)] if has_ve else None)
             x = block(x, attn_inputs)

@@ -53,7 +53,7 @@ def tiny_model(seed=0, **overrides):
 
 
 def scalars(model):
-    sc = tg.Scalars.of(f64(model.scalars))
+    sc = tg.Scalars(f64(model.scalars))
     return dict(
         resid=sc.resid_lambda,
         sa=sc.sa_lambda,

@@ -165,8 +165,9 @@ class Hyperparameters:
                              _choices("auto", *ATTENTION_BACKENDS), run_only=True)
     fp8: str = flag("auto", "FP8 lm_head; auto: on when the GPU supports it", _SWITCH, run_only=True)
     compile: str = flag("auto", "torch.compile(fullgraph=True); auto: on for CUDA", _SWITCH, run_only=True)
-    fused_loss: str = flag("auto", "the FP8 loss head as one fused kernel; auto: on CUDA, timed against the "
-                           "unfused head at start-up (the faster is used)", _SWITCH, run_only=True)
+    fused_loss: str = flag("auto", "the FP8 loss head fused (on: in one pass over the logits); auto: on CUDA, "
+                           "the fastest of one pass, two passes and the unfused head, timed at start-up",
+                           _SWITCH, run_only=True)
     fused_mlp: str = flag("auto", "the MLP's first matmul with relu^2 in its epilogue (and its derivative in "
                           "the backward's); auto: on CUDA, timed against the unfused MLP at start-up",
                           _SWITCH, run_only=True)
@@ -570,9 +571,12 @@ def _f32_scalar(value: float, like: Tensor) -> Tensor:
     return torch.full((), value, dtype=torch.float32, device=like.device)
 
 
+def _fp8_quantize(x: Tensor, w: Tensor, x_s: float = FP8_X_SCALE, w_s: float = FP8_W_SCALE):
+    return x.div(x_s).to(torch.float8_e4m3fn), w.div(w_s).to(torch.float8_e4m3fn)
+
+
 def _fp8_mm_body(x: Tensor, w: Tensor, x_s: float, w_s: float):
-    x_f8 = x.div(x_s).to(torch.float8_e4m3fn)
-    w_f8 = w.div(w_s).to(torch.float8_e4m3fn)
+    x_f8, w_f8 = _fp8_quantize(x, w, x_s, w_s)
     out = torch._scaled_mm(x_f8, w_f8.T, scale_a=_f32_scalar(x_s, x), scale_b=_f32_scalar(w_s, x),
                            out_dtype=torch.bfloat16, use_fast_accum=True)
     return out, x_f8, w_f8
@@ -666,43 +670,60 @@ def fp8_setting(setting: str, device) -> tuple[bool, str]:
     return ok, why
 
 
-# --- 2d. Fused loss head: one kernel over the logits, its gradient written in FP8 -----
+# --- 2d. Fused loss head: one pass over the logits, its gradient written in FP8 ------
 # The training head as one op from the final hidden states x (T, d) to the summed
-# multi-token loss. Forward: the FP8 lm_head matmul (bf16 logits, as 2c), then ONE Triton
-# kernel that, per block of rows, reads the logits twice: first for the softcapped
-# log-sum-exp, then for the loss's picked terms and the gradient with respect to the raw
-# logits, which it writes straight to e5m2, already multiplied by grad_scale / grad_s, in
-# the row-major (T, V) layout grad_x's FP8 matmul needs and the (V, T) one grad_w's needs.
+# multi-token loss. The loss kernel (_mtp_loss_grad_kernel) reads each row of bf16 logits
+# for the loss's picked terms and the gradient with respect to the raw logits, which it
+# writes straight to e5m2, already multiplied by grad_scale / grad_s, in the row-major
+# (T, V) layout grad_x's FP8 matmul needs and the (V, T) one grad_w's needs. The softcapped
+# log-sum-exp it needs first comes one of two ways:
+# - one pass (the default): the lm_head matmul is a Triton FP8 matmul (_fp8_logits_kernel)
+#   whose epilogue also sums exp(softcap(logit)) over each 64 columns of its tile, so the
+#   loss kernel reads the logits once;
+# - two passes: the matmul is cuBLAS's (as 2c) and the loss kernel reads the logits twice,
+#   first for the log-sum-exp.
 # The logits are freed when the op returns; the backward is just the two FP8 matmuls.
 # Same math as the unfused head (mtp_loss's formulas) up to rounding: the gradient is
-# rounded to e5m2 once, not through bf16 first. Per (T, V) element, counting every write
-# and every non-matmul read: 2 (logits) + 2 + 2 (two reads) + 1 + 1 (two e5m2 layouts) = 8
-# bytes, against 12 for the unfused head (tools/preflight.py --roofline counts both).
+# rounded to e5m2 once, not through bf16 first, and the one-pass matmul accumulates in
+# full fp32 (cuBLAS's in its fast mode). Per (T, V) element, counting every write and every
+# non-matmul read: one pass 2 (logits) + 2 (one read) + 1 + 1 (two e5m2 layouts) = 6 bytes,
+# two passes 8, against 12 for the unfused head (tools/preflight.py --roofline counts them).
 FUSED_LOSS_MAX_K = 3  # multi-token predictions the kernel handles (the weights are padded to it)
+FUSED_LOSS_PATHS = ("one pass", "two passes")  # the fused forms, in the order --fused_loss=on prefers
+LSE_COLUMNS = 64  # the one-pass matmul's partial sums: one per row and per 64 columns
 _FUSED_LOSS_META = dict(BLOCK_T=16, BLOCK_V=256, num_warps=8)
 _FUSED_LOSS_INTERPRET_META = dict(BLOCK_T=8, BLOCK_V=64)
+_FP8_LOGITS_INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=4)
 
 if triton is not None:
 
     @triton.jit
-    def _mtp_loss_grad_kernel(logits, targets, weights, loss_out, g_out, gt_out, scale_ptr, T, V,
-                              BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, TO_E5M2: tl.constexpr):
+    def _mtp_loss_grad_kernel(logits, targets, weights, partial, loss_out, g_out, gt_out, scale_ptr, T, V, P,
+                              BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, LSE_GIVEN: tl.constexpr,
+                              TO_E5M2: tl.constexpr):
         """Rows [pid*BLOCK_T, +BLOCK_T): loss_out[t] = W_t lse_t - sum_k w_k z[t, target_{t+k}]
         and g[t, v] = (W_t softmax(z)[v] - sum_k w_k [v == target_{t+k}]) softcap'(l[t, v])
         * scale, with z = softcap(l) and W_t = sum_k w_k [t + k < T]; g in e5m2 at g_out
         (T, V) and gt_out (V, T) (TO_E5M2=False: fp32 there, for the interpreter, whose
-        e5m2 conversion does not round to nearest)."""
+        e5m2 conversion does not round to nearest). LSE_GIVEN: sum_v exp(z) of row t is the
+        sum of partial[t, :P] (the one-pass matmul's); else a first pass over the row."""
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < T
         rows64 = rows.to(tl.int64)
-        # pass 1: sum_v exp(z). z = 23 sigmoid(.) lies in (0, 23), so no max pass is needed
+        # sum_v exp(z). z = 23 sigmoid(.) lies in (0, 23), so no max is needed
         total = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            ok = row_ok[:, None] & (cols[None, :] < V)
-            x = tl.load(logits + rows64[:, None] * V + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            z = 23.0 * tl.sigmoid((x + 5.0) / 7.5)
-            total += tl.sum(tl.where(ok, tl.exp(z), 0.0), axis=1)
+        if LSE_GIVEN:
+            for p0 in range(0, P, BLOCK_V):
+                cols = p0 + tl.arange(0, BLOCK_V)
+                ok = row_ok[:, None] & (cols[None, :] < P)
+                total += tl.sum(tl.load(partial + rows64[:, None] * P + cols[None, :], mask=ok, other=0.0), axis=1)
+        else:  # pass 1
+            for v0 in range(0, V, BLOCK_V):
+                cols = v0 + tl.arange(0, BLOCK_V)
+                ok = row_ok[:, None] & (cols[None, :] < V)
+                x = tl.load(logits + rows64[:, None] * V + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+                z = 23.0 * tl.sigmoid((x + 5.0) / 7.5)
+                total += tl.sum(tl.where(ok, tl.exp(z), 0.0), axis=1)
         lse = tl.log(tl.where(row_ok, total, 1.0))
         # the targets of offsets 0, 1, 2 and their weights (0 past the end, or past K)
         ok0, ok1, ok2 = row_ok, row_ok & (rows + 1 < T), row_ok & (rows + 2 < T)
@@ -715,7 +736,7 @@ if triton is not None:
         W = w0 + w1 + w2
         scale = tl.load(scale_ptr)
         picked = tl.zeros((BLOCK_T,), dtype=tl.float32)
-        # pass 2: the picked softcapped logits and the e5m2 gradient
+        # the pass over the row: the picked softcapped logits and the e5m2 gradient
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             ok = row_ok[:, None] & (cols[None, :] < V)
@@ -736,6 +757,79 @@ if triton is not None:
             tl.store(g_out + rows64[:, None] * V + cols[None, :], g, mask=ok)
             tl.store(gt_out + cols[None, :].to(tl.int64) * T + rows64[:, None], g, mask=ok)
         tl.store(loss_out + rows, W * lse - picked, mask=row_ok)
+
+    @triton.jit
+    def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of output tile `pid`: GROUP_M row tiles in a row share their W tiles in L2."""
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        rows_in_group = min(tiles_m - first_m, GROUP_M)
+        return first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group, (pid % (GROUP_M * tiles_n)) // rows_in_group
+
+    @triton.jit
+    def _tile_matmul(X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, offs_m, offs_n,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+        """The (BLOCK_M, BLOCK_N) tile of X @ W^T at rows offs_m, columns offs_n, in fp32; X (M, K),
+        W (N, K). UPCAST (the interpreter): operands as fp32, whose dot is exact there."""
+        offs_k = tl.arange(0, BLOCK_K)
+        x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # W^T tile
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            k_ok = offs_k < K - k0
+            a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc)
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
+        return acc
+
+    def _matmul_autotune(tiles):
+        """triton.autotune over the (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) in
+        `tiles`, per (M, N, K); the interpreter runs the kernel with one fixed config instead."""
+        def wrap(kernel):
+            if _TRITON_INTERPRET:
+                return kernel
+            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
+                                     num_stages=s) for bm, bn, bk, w, s in tiles]
+            return triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
+        return wrap
+
+    @_matmul_autotune([(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (64, 256, 128, 8, 4),
+                       (128, 256, 64, 8, 4)])  # FP8 operands: K tiles of 128 bytes
+    @triton.jit
+    def _fp8_logits_kernel(X, W, OUT, PARTIAL, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, scale,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           GROUP_M: tl.constexpr, LSE_COLS: tl.constexpr, UPCAST: tl.constexpr,
+                           EMULATE_BF16: tl.constexpr):
+        """OUT = bf16(X @ W^T * scale), X (M, K) and W (N, K) in e4m3, and in its epilogue the
+        first half of the loss: PARTIAL[m, j] = sum of exp(softcap(OUT[m, n])) over the
+        LSE_COLS columns n of block j, from the rounded bf16 values (what the loss kernel
+        reads back). EMULATE_BF16 (the interpreter, whose bf16 cast does not round to
+        nearest): the rounding done on the fp32 bits, OUT fp32."""
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = _tile_matmul(X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, offs_m, offs_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+        y = acc * scale
+        if EMULATE_BF16:
+            bits = y.to(tl.uint32, bitcast=True)
+            y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        else:
+            y = y.to(tl.bfloat16).to(tl.float32)
+        ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        tl.store(OUT + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], y.to(OUT.dtype.element_ty), mask=ok)
+        e = tl.where(ok, tl.exp(23.0 * tl.sigmoid((y + 5.0) / 7.5)), 0.0)
+        sums = tl.sum(tl.reshape(e, (BLOCK_M, BLOCK_N // LSE_COLS, LSE_COLS)), axis=2)
+        n_blocks = tl.cdiv(N, LSE_COLS)
+        cols = pid_n * (BLOCK_N // LSE_COLS) + tl.arange(0, BLOCK_N // LSE_COLS)
+        tl.store(PARTIAL + offs_m[:, None].to(tl.int64) * n_blocks + cols[None, :], sums,
+                 mask=(offs_m[:, None] < M) & (cols[None, :] < n_blocks))
 
 
 def triton_available(device, what: str) -> tuple[bool, str]:
@@ -766,14 +860,18 @@ def fused_mlp_available(args, device) -> tuple[bool, str]:
     return ok, why
 
 
-# what the kernel moves per (T, V) element: reads the bf16 logits twice, writes e5m2 twice
-MTP_KERNEL_BYTES_PER_ELEMENT = dict(read=2 * 2, write=2 * 1)
+# what the loss kernel moves per (T, V) element, by whether it is given the log-sum-exp's
+# partial sums (one pass: reads the bf16 logits once) or not (twice); it writes e5m2 twice
+MTP_KERNEL_BYTES_PER_ELEMENT = {True: dict(read=2, write=2 * 1), False: dict(read=2 * 2, write=2 * 1)}
 
 
 @torch.library.custom_op("train_gpt::mtp_loss_grad_e5m2", mutates_args=())
-def mtp_loss_grad_e5m2(logits: Tensor, targets: Tensor, weights: Tensor, scale: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """The kernel: (per-row loss (T,) fp32, g (T, V) e5m2, g^T (V, T) e5m2) from bf16 logits;
-    g = dloss/dlogits * scale (a 0-d fp32 device tensor). weights has at most 3 entries."""
+def mtp_loss_grad_e5m2(logits: Tensor, targets: Tensor, weights: Tensor, scale: Tensor,
+                       partial: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The loss kernel: (per-row loss (T,) fp32, g (T, V) e5m2, g^T (V, T) e5m2) from bf16
+    logits; g = dloss/dlogits * scale (a 0-d fp32 device tensor). weights has at most 3
+    entries. partial (T, P) fp32: the one-pass matmul's sums of exp(softcap(logits)); with
+    P = 0 the kernel reads the logits twice instead."""
     T, V = logits.shape
     w = torch.zeros(FUSED_LOSS_MAX_K, dtype=torch.float32, device=logits.device)
     w[:weights.numel()] = weights
@@ -785,22 +883,51 @@ def mtp_loss_grad_e5m2(logits: Tensor, targets: Tensor, weights: Tensor, scale: 
     gt = torch.empty(V, T, dtype=out_dtype, device=logits.device)
     meta = _FUSED_LOSS_INTERPRET_META if _TRITON_INTERPRET else _FUSED_LOSS_META
     _mtp_loss_grad_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](
-        logits.float() if _TRITON_INTERPRET else logits, targets, w, loss, g, gt, scale, T, V,
-        TO_E5M2=not _TRITON_INTERPRET, **meta)
+        logits.float() if _TRITON_INTERPRET else logits, targets, w, partial, loss, g, gt, scale, T, V,
+        partial.size(1), LSE_GIVEN=partial.size(1) > 0, TO_E5M2=not _TRITON_INTERPRET, **meta)
     return loss, g.to(torch.float8_e5m2), gt.to(torch.float8_e5m2)
 
 
 @mtp_loss_grad_e5m2.register_fake
-def _(logits, targets, weights, scale):
+def _(logits, targets, weights, scale, partial):
     T, V = logits.shape
     return (logits.new_empty(T, dtype=torch.float32), logits.new_empty(T, V, dtype=torch.float8_e5m2),
             logits.new_empty(V, T, dtype=torch.float8_e5m2))
 
 
-def _fused_head_forward_body(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float):
-    logits, x_f8, w_f8 = _fp8_body(_fp8_mm_body, x.device)(x, w, FP8_X_SCALE, FP8_W_SCALE)
+@torch.library.custom_op("train_gpt::fp8_logits_lse", mutates_args=())
+def fp8_logits_lse(x_f8: Tensor, w_f8: Tensor) -> tuple[Tensor, Tensor]:
+    """The one-pass matmul: (bf16 logits x @ w^T * x_s * w_s (T, V), partial (T, V / 64)
+    sums of exp(softcap(logits)) per 64 columns) from x (T, d) and w (V, d) in e4m3."""
+    T, d = x_f8.shape
+    V = w_f8.size(0)
+    out = torch.empty(T, V, dtype=torch.float32 if _TRITON_INTERPRET else torch.bfloat16, device=x_f8.device)
+    partial = torch.empty(T, triton.cdiv(V, LSE_COLUMNS), dtype=torch.float32, device=x_f8.device)
+    meta = _FP8_LOGITS_INTERPRET_META if _TRITON_INTERPRET else {}
+    grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(V, m["BLOCK_N"]),)  # noqa: E731
+    _fp8_logits_kernel[grid](x_f8, w_f8, out, partial, T, V, d, *x_f8.stride(), *w_f8.stride(),
+                             FP8_X_SCALE * FP8_W_SCALE, LSE_COLS=LSE_COLUMNS, UPCAST=_TRITON_INTERPRET,
+                             EMULATE_BF16=_TRITON_INTERPRET, **meta)
+    return out.to(torch.bfloat16), partial  # exact: the interpreter's fp32 values are bf16 ones
+
+
+@fp8_logits_lse.register_fake
+def _(x_f8, w_f8):
+    T, V = x_f8.size(0), w_f8.size(0)
+    return (x_f8.new_empty(T, V, dtype=torch.bfloat16),
+            x_f8.new_empty(T, (V + LSE_COLUMNS - 1) // LSE_COLUMNS, dtype=torch.float32))
+
+
+def _fused_head_forward_body(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float,
+                             one_pass: bool):
+    if one_pass:
+        x_f8, w_f8 = _fp8_body(_fp8_quantize, x.device)(x, w)
+        logits, partial = fp8_logits_lse(x_f8, w_f8)
+    else:
+        logits, x_f8, w_f8 = _fp8_body(_fp8_mm_body, x.device)(x, w, FP8_X_SCALE, FP8_W_SCALE)
+        partial = x.new_empty(x.size(0), 0, dtype=torch.float32)
     scale = _f32_scalar(grad_scale / FP8_GRAD_SCALE, x)
-    loss, g, gt = mtp_loss_grad_e5m2(logits, targets, weights, scale)
+    loss, g, gt = mtp_loss_grad_e5m2(logits, targets, weights, scale, partial)
     return loss.sum(), g, gt, x_f8, w_f8
 
 
@@ -815,14 +942,14 @@ def _fused_head_backward_body(g: Tensor, gt: Tensor, x_f8: Tensor, w_f8: Tensor,
 
 
 @torch.library.custom_op("train_gpt::fused_loss_head", mutates_args=())
-def fused_loss_head_op(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor,
-                       grad_scale: float) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def fused_loss_head_op(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float,
+                       one_pass: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(summed multi-token loss, e5m2 gradient (T, V) and (V, T), x and w in e4m3)."""
-    return _fused_head_forward_body(x, w, targets, weights, grad_scale)
+    return _fused_head_forward_body(x, w, targets, weights, grad_scale, one_pass)
 
 
 @fused_loss_head_op.register_fake
-def _(x, w, targets, weights, grad_scale):
+def _(x, w, targets, weights, grad_scale, one_pass):
     T, V = x.size(0), w.size(0)
     return (x.new_empty((), dtype=torch.float32), x.new_empty(T, V, dtype=torch.float8_e5m2),
             x.new_empty(V, T, dtype=torch.float8_e5m2), torch.empty_like(x, dtype=torch.float8_e4m3fn),
@@ -854,21 +981,24 @@ def _fused_head_backward(ctx, grad_loss, *_):
     # trainer's 1/grad_accum, a power of 2, g_scale is grad_s exactly.
     g_scale = grad_loss.float() * (FP8_GRAD_SCALE / ctx.grad_scale)
     grad_x, grad_w = torch.ops.train_gpt.fused_loss_head_backward(g, gt, x_f8, w_f8, g_scale)
-    return grad_x, grad_w, None, None, None
+    return grad_x, grad_w, None, None, None, None
 
 
 fused_loss_head_op.register_autograd(_fused_head_backward, setup_context=_fused_head_setup_context)
 
 
-def fused_loss_head(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float) -> Tensor:
-    """The training loss (as mtp_loss of the FP8 head's logits) through the fused op; its
-    backward expects `grad_scale` as the incoming gradient (other values are handled)."""
-    return fused_loss_head_op(x, w, targets, weights, grad_scale)[0]
+def fused_loss_head(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float,
+                    one_pass: bool = True) -> Tensor:
+    """The training loss (as mtp_loss of the FP8 head's logits) through the fused op, in one
+    pass over the logits or two; its backward expects `grad_scale` as the incoming gradient
+    (other values are handled)."""
+    return fused_loss_head_op(x, w, targets, weights, grad_scale, one_pass)[0]
 
 
-def time_loss_heads(T: int, d: int, V: int, K: int, grad_scale: float, device, iters: int = 5) -> tuple[float, float]:
+def time_loss_heads(T: int, d: int, V: int, K: int, grad_scale: float, device, iters: int = 5) -> list[float]:
     """ms per forward + backward of the FP8 loss head at (T, d, V) with K predictions, CUDA
-    events: (fused, unfused, the latter's loss compiled as in the model). Random inputs."""
+    events: [fused in one pass, in two passes, unfused (its loss compiled as in the model)].
+    Random inputs."""
     g = torch.Generator(device=device).manual_seed(0)
     x = torch.randn(T, d, device=device, generator=g).bfloat16().requires_grad_()
     w = (torch.randn(V, d, device=device, generator=g) * 0.005).bfloat16().requires_grad_()
@@ -879,13 +1009,16 @@ def time_loss_heads(T: int, d: int, V: int, K: int, grad_scale: float, device, i
     def unfused(x, w):
         return unfused_loss(fp8_mm(x, w, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0], targets, weights) * grad_scale
 
-    def fused(x, w):
-        return fused_loss_head(x, w, targets, weights, grad_scale) * grad_scale
+    def one_pass(x, w):
+        return fused_loss_head(x, w, targets, weights, grad_scale, one_pass=True) * grad_scale
 
-    return _time_fwd_bwd((fused, unfused), (x, w), iters)
+    def two_passes(x, w):
+        return fused_loss_head(x, w, targets, weights, grad_scale, one_pass=False) * grad_scale
+
+    return _time_fwd_bwd((one_pass, two_passes, unfused), (x, w), iters)
 
 
-def time_mlps(T: int, d: int, device, iters: int = 5) -> tuple[float, float]:
+def time_mlps(T: int, d: int, device, iters: int = 5) -> list[float]:
     """ms per forward + backward of one MLP at (T, d), CUDA events: (fused, unfused, the
     latter compiled as in the model). Random inputs."""
     g = torch.Generator(device=device).manual_seed(0)
@@ -914,29 +1047,36 @@ def _time_fwd_bwd(fns, inputs, iters: int) -> list[float]:
     return times
 
 
-def choose_fused_path(flag: str, setting: str, available: tuple[bool, str], time_both, rank: int,
-                      world_size: int, device: torch.device, log, timed: bool | None = None) -> bool:
-    """The start-up choice of one fused kernel path (--fused_loss): off: never; on: always
-    (an error where it cannot run); auto: off on CPU; on CUDA rank 0 times the fused and the
-    unfused path at the run's shapes (time_both() -> (fused ms, unfused ms)), broadcasts the
-    two timings, and every rank takes the faster. Logs the choice and the timings. (timed:
-    whether auto times, default on CUDA only.)"""
+def choose_fused_path(flag: str, setting: str, available: tuple[bool, str], time_paths, rank: int,
+                      world_size: int, device: torch.device, log, paths: tuple[str, ...] = ("fused",),
+                      timed: bool | None = None) -> str | None:
+    """The start-up choice of a fused kernel path (--fused_loss, --fused_mlp): the name of
+    the fused path taken (one of `paths`), or None for the unfused one. off: None; on: the
+    first of `paths` (an error where it cannot run); auto: None on CPU; on CUDA rank 0 times
+    each path at the run's shapes (time_paths() -> ms of each of `paths`, then of the
+    unfused path), broadcasts the timings, and every rank takes the fastest. Logs the choice
+    and the timings. (timed: whether auto times, default on CUDA only.)"""
     ok, why = available
+    named = len(paths) > 1  # name the fused path in the log
     if setting == "on":
         if not ok:
             raise ConfigError(f"--{flag}=on: {why}")
-        log(f"{flag}: on (forced)")
-        return True
+        log(f"{flag}: on{', ' + paths[0] if named else ''} (forced)")
+        return paths[0]
     if setting == "off" or not ok or not (device.type == "cuda" if timed is None else timed):
         log(f"{flag}: off" + (" (forced)" if setting == "off" else f" ({why or 'auto: off on ' + device.type})"))
-        return False
-    times = torch.tensor(time_both() if rank == 0 else (0.0, 0.0), dtype=torch.float64, device=device)
+        return None
+    times = torch.tensor(time_paths() if rank == 0 else [0.0] * (len(paths) + 1), dtype=torch.float64,
+                         device=device)
     if world_size > 1:
         dist.broadcast(times, 0)
-    fused_ms, unfused_ms = times.tolist()
-    use = fused_ms < unfused_ms
-    log(f"{flag}: {'on' if use else 'off'} (auto: rank 0 timed fused {fused_ms:.3f} ms, unfused {unfused_ms:.3f} ms)")
-    return use
+    times = times.tolist()
+    best = min(range(len(paths)), key=times.__getitem__)
+    choice = paths[best] if times[best] < times[-1] else None  # fused only where faster
+    shown = ", ".join(f"{name} {ms:.3f} ms" for name, ms in zip((*paths, "unfused"), times))
+    log(f"{flag}: {'off' if choice is None else 'on'}{', ' + choice if named and choice else ''} "
+        f"(auto: rank 0 timed {shown})")
+    return choice
 
 
 
@@ -954,47 +1094,20 @@ _MLP_INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
 
 if triton is not None:
 
-    def _mlp_autotune(kernel):
-        if _TRITON_INTERPRET:
-            return kernel
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w, num_stages=s)
-            for bm, bn, bk, w, s in [
-                (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4), (128, 64, 64, 4, 4),
-            ]
-        ]
-        return triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
-
-    @_mlp_autotune
+    @_matmul_autotune([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+                       (128, 64, 64, 4, 4)])  # 2d's autotune
     @triton.jit
     def _mlp_matmul_kernel(X, W, H, OUT, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr, BACKWARD: tl.constexpr, UPCAST: tl.constexpr):
-        """acc = X @ W^T for X (M, K), W (N, K) in fp32. Forward: OUT = relu(acc)^2. Backward
-        (H the forward's output, same strides as OUT): OUT = acc * 2 sqrt(H)."""
-        pid = tl.program_id(0)
-        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * tiles_n)  # GROUP_M row tiles share their W tiles in L2
-        first_m = group * GROUP_M
-        rows_in_group = min(tiles_m - first_m, GROUP_M)
-        pid_m = first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group
-        pid_n = (pid % (GROUP_M * tiles_n)) // rows_in_group
+        """acc = X @ W^T for X (M, K), W (N, K) in fp32 (2d's tile helpers). Forward:
+        OUT = relu(acc)^2. Backward (H the forward's output, same strides as OUT):
+        OUT = acc * 2 sqrt(H)."""
+        pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-        w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # W^T tile
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
+        acc = _tile_matmul(X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, offs_m, offs_n,
+                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
         ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         out_offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         if BACKWARD:
@@ -2045,7 +2158,7 @@ class GPT(nn.Module):
         self.rotary = YaRNRotary(args.head_dim, max_positions, args.block_size)
         self.attn_fn = attention_sdpa  # replaced by build_model's backend choice
         self.use_fp8 = False
-        self.fused_loss = False  # the FP8 head through fused_loss_head (chosen at start-up)
+        self.fused_loss = None  # or the FP8 head through fused_loss_head: a FUSED_LOSS_PATHS name
         self.loss_grad_scale = 1.0  # the gradient the trainer's backward gives the loss
         self.act_dtype = torch.bfloat16  # build_model uses float32 on CPU
         self.split_done = False  # embed split off from lm_head yet?
@@ -2101,7 +2214,8 @@ class GPT(nn.Module):
         x = self.hidden(input_seq, cu_seqlens, max_seqlen)
         if self.training:
             if self.fused_loss:
-                return fused_loss_head(x, self.lm_head, target_seq, mtp_weights, self.loss_grad_scale)
+                return fused_loss_head(x, self.lm_head, target_seq, mtp_weights, self.loss_grad_scale,
+                                       one_pass=self.fused_loss == "one pass")
             if self.use_fp8:
                 logits = fp8_mm(x, self.lm_head, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0]
             else:
@@ -3060,10 +3174,10 @@ def choose_fused_kernels(model: GPT, args: Hyperparameters, rank: int, world_siz
     model.fused_loss = choose_fused_path(
         "fused_loss", args.fused_loss, fused_loss_available(args, device),
         lambda: time_loss_heads(T, args.model_dim, model.padded_vocab, K, model.loss_grad_scale, device),
-        rank, world_size, device, log)
+        rank, world_size, device, log, paths=FUSED_LOSS_PATHS)
     model.set_fused_mlp(choose_fused_path(
         "fused_mlp", args.fused_mlp, fused_mlp_available(args, device),
-        lambda: time_mlps(T, args.model_dim, device), rank, world_size, device, log))
+        lambda: time_mlps(T, args.model_dim, device), rank, world_size, device, log) is not None)
 
 
 class Trainer:

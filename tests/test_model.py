@@ -1370,9 +1370,10 @@ def test_compiled_validation_loss_equals_the_record_op_order_compiled():
 # ------------------------------------------------------------------------------------
 
 def test_training_forward_takes_the_fused_head_when_chosen(monkeypatch):
-    """With fused_loss set, the training loss is fused_loss_head(x, lm_head, targets, mtp
-    weights, the backward's gradient scale): the kernel itself is checked under the
-    interpreter (tools/fused_kernels_check.py). Off, the head is the unfused one, unchanged."""
+    """With fused_loss set to a path, the training loss is fused_loss_head(x, lm_head,
+    targets, mtp weights, the backward's gradient scale) in that path's number of passes:
+    the kernels themselves are checked under the interpreter (tools/fused_kernels_check.py).
+    Off (None), the head is the unfused one, unchanged."""
     model = tiny_model(seed=110)
     randomize(model, seed=111)
     T = 32
@@ -1384,13 +1385,17 @@ def test_training_forward_takes_the_fused_head_when_chosen(monkeypatch):
         unfused = model(inp, tgt, cu_tensor(cu), max_len(cu), w)
         x = model.hidden(inp, cu_tensor(cu), max_len(cu))
     calls = []
-    monkeypatch.setattr(tg, "fused_loss_head", lambda *a: calls.append(a) or torch.tensor(7.0))
-    model.fused_loss, model.loss_grad_scale = True, 0.125
-    with torch.no_grad():
-        assert model(inp, tgt, cu_tensor(cu), max_len(cu), w).item() == 7.0
-    (xa, wa, ta, ma, sa), = calls
-    assert torch.equal(xa, x) and wa is model.lm_head and ta is tgt and ma is w and sa == 0.125
-    model.fused_loss = False
+    monkeypatch.setattr(tg, "fused_loss_head", lambda *a, **k: calls.append((a, k)) or torch.tensor(7.0))
+    model.loss_grad_scale = 0.125
+    for path, one_pass in (("one pass", True), ("two passes", False)):
+        model.fused_loss = path
+        with torch.no_grad():
+            assert model(inp, tgt, cu_tensor(cu), max_len(cu), w).item() == 7.0
+        ((xa, wa, ta, ma, sa), kw), = calls
+        assert torch.equal(xa, x) and wa is model.lm_head and ta is tgt and ma is w and sa == 0.125
+        assert kw == {"one_pass": one_pass}
+        calls.clear()
+    model.fused_loss = None
     with torch.no_grad():
         assert torch.equal(model(inp, tgt, cu_tensor(cu), max_len(cu), w), unfused)
 
@@ -1398,22 +1403,34 @@ def test_training_forward_takes_the_fused_head_when_chosen(monkeypatch):
 def test_fused_path_choice_times_only_where_asked_and_takes_the_faster():
     cpu = torch.device("cpu")
 
-    def choose(setting, available=(True, ""), times=(1.0, 2.0), timed=None):
+    def choose(setting, available=(True, ""), times=(1.0, 2.0), timed=None, paths=("fused",)):
         lines, timed_calls = [], []
         use = tg.choose_fused_path("fused_loss", setting, available, lambda: timed_calls.append(1) or times,
-                                   0, 1, cpu, lines.append, timed=timed)
+                                   0, 1, cpu, lines.append, paths=paths, timed=timed)
         return use, lines, len(timed_calls)
 
-    assert choose("off") == (False, ["fused_loss: off (forced)"], 0)
-    assert choose("on") == (True, ["fused_loss: on (forced)"], 0)
+    assert choose("off") == (None, ["fused_loss: off (forced)"], 0)
+    assert choose("on") == ("fused", ["fused_loss: on (forced)"], 0)
     with pytest.raises(tg.ConfigError, match="--fused_loss=on: no Triton here"):
         choose("on", available=(False, "no Triton here"))
-    assert choose("auto") == (False, ["fused_loss: off (auto: off on cpu)"], 0)  # CPU: the reference path
-    assert choose("auto", available=(False, "FP8 is off")) == (False, ["fused_loss: off (FP8 is off)"], 0)
+    assert choose("auto") == (None, ["fused_loss: off (auto: off on cpu)"], 0)  # CPU: the reference path
+    assert choose("auto", available=(False, "FP8 is off")) == (None, ["fused_loss: off (FP8 is off)"], 0)
     use, lines, n = choose("auto", times=(3.25, 4.5), timed=True)
-    assert use and n == 1 and lines == ["fused_loss: on (auto: rank 0 timed fused 3.250 ms, unfused 4.500 ms)"]
+    assert use == "fused" and n == 1 and lines == ["fused_loss: on (auto: rank 0 timed fused 3.250 ms, unfused 4.500 ms)"]
     use, lines, n = choose("auto", times=(5.0, 4.5), timed=True)  # never slower than the unfused head
-    assert not use and n == 1 and lines == ["fused_loss: off (auto: rank 0 timed fused 5.000 ms, unfused 4.500 ms)"]
+    assert use is None and n == 1 and lines == ["fused_loss: off (auto: rank 0 timed fused 5.000 ms, unfused 4.500 ms)"]
+    use, lines, n = choose("auto", times=(4.5, 4.5), timed=True)  # a tie: the unfused path
+    assert use is None and n == 1
+    # two fused forms (the loss head's passes): the fastest of the three; on: the first
+    two = ("one pass", "two passes")
+    assert choose("on", paths=two) == ("one pass", ["fused_loss: on, one pass (forced)"], 0)
+    use, lines, n = choose("auto", times=(3.5, 3.25, 4.5), timed=True, paths=two)
+    assert use == "two passes" and n == 1 and lines == [
+        "fused_loss: on, two passes (auto: rank 0 timed one pass 3.500 ms, two passes 3.250 ms, unfused 4.500 ms)"]
+    use, lines, n = choose("auto", times=(3.0, 3.25, 4.5), timed=True, paths=two)
+    assert use == "one pass" and lines[0].startswith("fused_loss: on, one pass (auto:")
+    use, lines, n = choose("auto", times=(5.0, 4.75, 4.5), timed=True, paths=two)
+    assert use is None and lines[0].startswith("fused_loss: off (auto:")
 
 
 def test_trainer_tells_the_head_the_gradient_scale_of_its_backward(tmp_path):

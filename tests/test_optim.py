@@ -330,19 +330,40 @@ def test_fused_kernels_under_interpreter():
     @ c_proj and the unfused bf16 MLP, the activation, output, grad_x and the gradients of
     c_fc and c_proj, with all-negative pre-activations."""
     out = run_interpreted("fused_kernels_check.py")
-    assert out.count("[PASS]") == 35 + 12 and "[FAIL]" not in out, out
+    # loss head: 5 cases x (9 checks in one pass + 7 in two passes); MLP: 2 cases x 6
+    assert out.count("[PASS]") == 5 * (9 + 7) + 2 * 6 and "[FAIL]" not in out, out
 
 
 def test_fused_loss_kernel_compiles_for_hopper():
-    """The loss kernel compiles to sm90 code with its GPU config and bf16 logits; its e5m2
-    stores round to nearest (cvt.rn), and its shared memory fits one H100 block."""
+    """The loss kernel compiles to sm90 code with its GPU config and bf16 logits, given the
+    log-sum-exp's partial sums (one pass) or not (two); its e5m2 stores round to nearest
+    (cvt.rn), and its shared memory fits one H100 block."""
     meta = dict(tg._FUSED_LOSS_META)
     num_warps = meta.pop("num_warps")
-    types = dict(logits="*bf16", targets="*i64", weights="*fp32", loss_out="*fp32", g_out="*fp8e5",
-                 gt_out="*fp8e5", scale_ptr="*fp32", T="i32", V="i32")
-    out = compile_for_hopper(tg._mtp_loss_grad_kernel, types, {**meta, "TO_E5M2": True}, "loss kernel",
-                             num_warps=num_warps)
-    assert "cvt.rn.satfinite.e5m2x2.f32" in out.asm["ptx"]
+    types = dict(logits="*bf16", targets="*i64", weights="*fp32", partial="*fp32", loss_out="*fp32",
+                 g_out="*fp8e5", gt_out="*fp8e5", scale_ptr="*fp32", T="i32", V="i32", P="i32")
+    for given in (True, False):
+        out = compile_for_hopper(tg._mtp_loss_grad_kernel, types, {**meta, "LSE_GIVEN": given, "TO_E5M2": True},
+                                 f"loss kernel, lse given: {given}", num_warps=num_warps)
+        assert "cvt.rn.satfinite.e5m2x2.f32" in out.asm["ptx"]
+
+
+def test_fp8_logits_kernel_compiles_for_hopper():
+    """Every autotune config of the one-pass head's FP8 matmul compiles for sm90 with e4m3
+    operands: the PTX uses wgmma on e4m3, rounds the logits to bf16 to nearest (cvt.rn),
+    and the shared memory fits one H100 block."""
+    jit = tg._fp8_logits_kernel.fn
+    types = {name: {"X": "*fp8e4nv", "W": "*fp8e4nv", "OUT": "*bf16", "PARTIAL": "*fp32", "scale": "fp32"}.get(name, "i32")
+             for name in jit.arg_names}
+    for cfg in tg._fp8_logits_kernel.configs:
+        what = f"fp8 logits {cfg}"
+        out = compile_for_hopper(jit, types, {**cfg.kwargs, "LSE_COLS": tg.LSE_COLUMNS, "UPCAST": False,
+                                              "EMULATE_BF16": False}, what,
+                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        ptx = out.asm["ptx"]
+        assert "wgmma.mma_async" in ptx and "e4m3.e4m3" in ptx, f"{what}: no e4m3 wgmma in the PTX"
+        assert "cvt.rn.bf16" in ptx, f"{what}: no round-to-nearest bf16 conversion"
+    assert len(tg._fp8_logits_kernel.configs) >= 2
 
 
 def test_fused_mlp_kernel_compiles_for_hopper():

@@ -124,7 +124,20 @@ def test_yarn_updates_exactly_when_the_long_window_changes(monkeypatch):
 
 # --- equivalence across process counts (gloo) -----------------------------------------
 
-def test_same_losses_and_parameters_with_1_2_and_4_processes(tmp_path):
+@pytest.fixture(scope="module")
+def process_runs(tmp_path_factory):
+    """Short tiny runs on 1, 2 and 4 gloo processes with checkpoints after steps 5 and 7 and
+    the final model saved: {n: stdout}, and the folder of their logs, checkpoints and
+    models. The equivalence and the resume tests below share them."""
+    folder = tmp_path_factory.mktemp("runs")
+    common = SHORT + ["--val_loss_every=4", f"--log_dir={folder}"]
+    outs = {n: run_train(common + [f"--save_model={folder / f'p{n}.pt'}", f"--run_id=p{n}", "--checkpoint_every=5"],
+                         nproc=n)
+            for n in (1, 2, 4)}
+    return outs, folder
+
+
+def test_same_losses_and_parameters_with_1_2_and_4_processes(process_runs):
     """Short tiny runs covering Adam (odd) and non-Adam (even) steps, all three batch/window
     stages, the extension, the embed split and validation before, during and after training,
     on 1, 2 and 4 gloo processes (8, 4 and 2 micro-batches each).
@@ -134,10 +147,7 @@ def test_same_losses_and_parameters_with_1_2_and_4_processes(tmp_path):
     bit for bit and the same losses. This is a sharp test: a wrong shard, a missing average
     or a misplaced optimizer state would differ by the size of an update, and even a
     last-bit difference grows about 10x per step early in training."""
-    common = SHORT + ["--val_loss_every=4", f"--log_dir={tmp_path}"]
-    outs = {n: run_train(common + [f"--save_model={tmp_path / f'p{n}.pt'}", f"--run_id=p{n}", "--checkpoint_every=5"],
-                         nproc=n)
-            for n in (1, 2, 4)}
+    outs, tmp_path = process_runs
     vals1, steps1 = parse(outs[1])
     assert [s for s, _ in steps1] == list(range(1, 8)) and [s for s, _ in vals1] == [0, 4, 7]
     assert "gradient sums over micro-batches: float64" in outs[1]
@@ -169,37 +179,36 @@ def test_same_losses_and_parameters_with_1_2_and_4_processes(tmp_path):
     assert tg.evaluate(model, model, model.args) != final
 
 
-def test_resumed_runs_end_bit_identical_to_uninterrupted_ones(tmp_path):
+def test_resumed_runs_end_bit_identical_to_uninterrupted_ones(process_runs, tmp_path):
     """--checkpoint_every / --resume on 1 and 2 gloo processes: a run resumed from the
     checkpoint after step 5 (an even step: Adam's gradients are still pending in it) ends
     with the same parameters, bit for bit, the same losses and the same final validation as
     the run that went on; the checkpoint holds the step, data position and optimizer state
     of every rank, and only the last two checkpoints are kept."""
+    outs, runs = process_runs
     for n in (1, 2):
         common = SHORT + ["--val_loss_every=4", f"--log_dir={tmp_path}"]
-        full = run_train(common + [f"--run_id=full{n}", "--checkpoint_every=5",
-                                   f"--save_model={tmp_path / f'full{n}.pt'}"], nproc=n)
-        assert sorted(p.name for p in tmp_path.glob(f"full{n}.step*.pt")) == [f"full{n}.step000005.pt",
-                                                                              f"full{n}.step000007.pt"]
-        ckpt = torch.load(tmp_path / f"full{n}.step000005.pt")
+        full = outs[n]
+        assert sorted(p.name for p in runs.glob(f"p{n}.step*.pt")) == [f"p{n}.step000005.pt", f"p{n}.step000007.pt"]
+        ckpt = torch.load(runs / f"p{n}.step000005.pt")
         assert ckpt["step"] == 5 and ckpt["world_size"] == n and len(ckpt["ranks"]) == n
         assert all(r["grads"] for r in ckpt["ranks"])  # step 4 was even: Adam's gradients wait
-        resumed = run_train(common + [f"--run_id=res{n}", f"--resume={tmp_path / f'full{n}.step000005.pt'}",
+        resumed = run_train(common + [f"--run_id=res{n}", f"--resume={runs / f'p{n}.step000005.pt'}",
                                       f"--save_model={tmp_path / f'res{n}.pt'}"], nproc=n)
-        assert f"resumed from {tmp_path / f'full{n}.step000005.pt'} at step 5" in resumed
+        assert f"resumed from {runs / f'p{n}.step000005.pt'} at step 5" in resumed
         vals_a, steps_a = parse(full)
         vals_b, steps_b = parse(resumed)
         assert [s for s, _ in steps_b] == [6, 7] and steps_b == steps_a[-2:]
         assert vals_b == vals_a[-1:]
-        a, b = torch.load(tmp_path / f"full{n}.pt")["model"], torch.load(tmp_path / f"res{n}.pt")["model"]
+        a, b = torch.load(runs / f"p{n}.pt")["model"], torch.load(tmp_path / f"res{n}.pt")["model"]
         for k in a:
             assert torch.equal(a[k], b[k]), (n, k)
 
 
-def test_resume_refuses_other_flags_or_process_counts(tmp_path, capsys, monkeypatch):
-    out = run_train(SHORT + [f"--log_dir={tmp_path}", "--run_id=c", "--checkpoint_every=100"])
-    assert "checkpoint: " in out
-    ckpt = tmp_path / "c.step000007.pt"
+def test_resume_refuses_other_flags_or_process_counts(process_runs, tmp_path, capsys, monkeypatch):
+    outs, runs = process_runs
+    assert "checkpoint: " in outs[1]
+    ckpt = runs / "p1.step000007.pt"
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(k, raising=False)
     for flags, words in ((["--muon_lr=0.03"], ["--muon_lr=0.03 (checkpoint: 0.023)"]),
@@ -215,7 +224,7 @@ def test_resume_refuses_other_flags_or_process_counts(tmp_path, capsys, monkeypa
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and all(w in err for w in words), err
     with pytest.raises(SystemExit):
-        tg.main(SHORT + [f"--log_dir={tmp_path}/l", f"--resume={tmp_path / 'c.txt'}"])
+        tg.main(SHORT + [f"--log_dir={tmp_path}/l", f"--resume={runs / 'p1.txt'}"])
     assert "not a model saved by train_gpt.py" in capsys.readouterr().err
 
 
@@ -632,3 +641,17 @@ def test_resume_refuses_exactly_the_flags_that_change_the_math(tmp_path):
                 tg.check_resume(changed, 1)
     with pytest.raises(tg.ConfigError, match="made by 1 process"):
         tg.check_resume(dataclasses.replace(base, resume=str(path)), 2)
+
+
+def test_the_clock_stops_inside_paused_and_waits_for_the_device_at_both_ends(monkeypatch):
+    now, events = [100.0], []
+    monkeypatch.setattr(tg.time, "perf_counter", lambda: now[0])
+    clock = tg.TrainClock(lambda: events.append(("sync", now[0])), ms=250.0)  # resumed after 250 ms
+    now[0] = 102.0
+    assert clock.elapsed_ms() == 250.0 + 2000.0
+    with clock.paused():
+        assert clock.ms == 2250.0
+        now[0] = 110.0  # 8 s of validation: not counted
+    now[0] = 111.5
+    assert clock.elapsed_ms() == 2250.0 + 1500.0
+    assert events == [("sync", 100.0), ("sync", 102.0), ("sync", 110.0)]

@@ -58,6 +58,15 @@ def attended_keys(cu_seqlens: torch.Tensor, T: int, window: int) -> int:
     return int(torch.clamp(pos_in_doc + 1, max=window + 1).sum())
 
 
+def attention_layers() -> list[tuple[str, bool]]:
+    """(window, paired) of each attention layer, from the trainer's layer table (or, for a
+    --script comparison with a version before it, from its layer constants)."""
+    if hasattr(tg, "LAYERS"):
+        return [(layer.window, layer.attention == "paired") for layer in tg.LAYERS if layer.attention]
+    return [("long" if i in tg.LONG_LAYERS else "short", i in tg.PAIRED_LAYERS) for i in range(11)
+            if i != tg.NO_ATTN_LAYER]
+
+
 def step_flops(model, args, batches, step) -> float:
     """6 * (matmul params) per token plus attention over the actual windows (fwd + bwd);
     batches: (tokens T, cu_seqlens) of each of the step's micro-batches."""
@@ -67,11 +76,9 @@ def step_flops(model, args, batches, step) -> float:
     total = 0.0
     for T, cu in batches:
         total += 6 * n_matmul * T
-        for layer in tg.LAYERS:
-            if not layer.attention:
-                continue
-            w = (long if layer.window == "long" else short) * bs
-            if layer.attention == "paired":  # 2T positions of half the heads
+        for window, paired in attention_layers():
+            w = (long if window == "long" else short) * bs
+            if paired:  # 2T positions of half the heads
                 pairs = attended_keys(2 * cu, 2 * T, w) / 2
             else:
                 pairs = attended_keys(cu, T, w)
@@ -243,12 +250,14 @@ def check_fused_kernels(device, args) -> bool:
     for name, first in zip(["stage 1", "stage 2", "stage 3", "extension"], stage_starts(args)):
         T = tg.batch_size_at(first, args) // tg.VIRTUAL_RANKS
         K = len(tg.mtp_weights(first, args))
-        timed = [("MLP", tg.time_mlps(T, args.model_dim, device))]
+        timed = [("MLP", ("fused",), tg.time_mlps(T, args.model_dim, device))]
         if fp8:  # the fused head is the FP8 head's
-            timed.append((f"loss head (K={K})", tg.time_loss_heads(T, args.model_dim, V, K, 1 / tg.VIRTUAL_RANKS, device)))
-        for what, (fused_ms, unfused_ms) in timed:
-            print(f"{what} fwd+bwd {name} (T={T}): fused {fused_ms:.3f} ms, unfused {unfused_ms:.3f} ms "
-                  f"({unfused_ms / fused_ms:.2f}x)")
+            timed.append((f"loss head (K={K})", tg.FUSED_LOSS_PATHS,
+                          tg.time_loss_heads(T, args.model_dim, V, K, 1 / tg.VIRTUAL_RANKS, device)))
+        for what, paths, times in timed:
+            unfused_ms = times[-1]
+            shown = ", ".join(f"{p} {ms:.3f} ms ({unfused_ms / ms:.2f}x)" for p, ms in zip(paths, times))
+            print(f"{what} fwd+bwd {name} (T={T}): {shown}, unfused {unfused_ms:.3f} ms")
     return good
 
 

@@ -29,8 +29,8 @@ first. What it does:
   step time per stage on an H100 SXM (see "The roofline model" below); with --script too,
   the same for the other script in a child process, then the ratios.
 
-The fused loss head and MLP are traced as a GPU run takes them where they are faster
-(--fused_loss=off / --fused_mlp=off trace the unfused paths).
+The fused loss head (in its one-pass form) and MLP are traced as a GPU run takes them where
+they are faster (--fused_loss=off / --fused_mlp=off trace the unfused paths).
 
 Exit status 1 on a graph break, a recompile in the timed run, a sync in a training step
 or an fp32 / second (T, V) buffer in the loss backward; 0 otherwise. Extra flags are
@@ -411,8 +411,13 @@ def _custom_op_kernels(node, name, attention_pairs) -> list[Kernel]:
     """A train_gpt custom op: a declared hand-written kernel, or the kernels of its body."""
     vals = [_meta_like(a.meta["val"]) if isinstance(a, torch.fx.Node) else a for a in node.args]
     if name == "train_gpt::mtp_loss_grad_e5m2":  # hand-written: what its code moves per (T, V) element
-        per, numel = tg.MTP_KERNEL_BYTES_PER_ELEMENT, vals[0].numel()
-        return [Kernel(name, read=[(numel, per["read"] * numel)], written=[(numel, per["write"] * numel)])]
+        numel, partial = vals[0].numel(), vals[4]
+        per = tg.MTP_KERNEL_BYTES_PER_ELEMENT[partial.shape[1] > 0]  # given the lse's partial sums or not
+        return [Kernel(name, read=[(numel, per["read"] * numel), _size(partial)], written=[(numel, per["write"] * numel)])]
+    if name == "train_gpt::fp8_logits_lse":  # the one-pass head's FP8 matmul, its epilogue writing both outputs
+        x, w = vals[0], vals[1]
+        return [Kernel(name, flops=2.0 * x.shape[0] * w.shape[0] * x.shape[1], fp8=True,
+                       operands=[_size(x), _size(w)], written=[_size(v) for v in node.meta["val"]])]
     if name in ("train_gpt::mlp_up_relu2", "train_gpt::mlp_down_relu2_grad"):  # x @ w^T, an epilogue
         x, w = vals[0], vals[1]
         return [Kernel(name, flops=2.0 * x.shape[0] * w.shape[0] * x.shape[1], operands=[_size(x), _size(w)],
@@ -651,7 +656,7 @@ def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
             trainer.model.attn_fn = attention_stand_in
             trainer.model.use_fp8 = True
             if hasattr(trainer.model, "fused_loss"):  # the fused head, as a GPU run takes it where faster
-                trainer.model.fused_loss = args.fused_loss != "off"
+                trainer.model.fused_loss = getattr(tg, "FUSED_LOSS_PATHS", (True,))[0] if args.fused_loss != "off" else None
             if hasattr(trainer.model, "set_fused_mlp"):  # likewise the fused MLP
                 trainer.model.set_fused_mlp(args.fused_mlp != "off")
             trainer.opt.muon.ortho_dtype = torch.bfloat16

@@ -292,26 +292,44 @@ if triton is not None:
         return tl.program_id(1).to(tl.int64), pid // tiles, pid % tiles
 
     @triton.jit
-    def _sym_tile_rows_dot(A, M, K, stride_am, stride_ak, pid_m, pid_n,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-        """fp32 tile (rows pid_m, cols pid_n) of A @ A^T, A being an (M, K) matrix."""
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+    def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+        """(pid_m, pid_n) of output tile `pid`: GROUP_M row tiles in a row share their W tiles in L2."""
+        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
+        group = pid // (GROUP_M * tiles_n)
+        first_m = group * GROUP_M
+        rows_in_group = min(tiles_m - first_m, GROUP_M)
+        return first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group, (pid % (GROUP_M * tiles_n)) // rows_in_group
+
+    @triton.jit
+    def _tile_matmul(X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, offs_m, offs_n,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+        """The (BLOCK_M, BLOCK_N) tile of X @ W^T at rows offs_m, columns offs_n, in fp32; X (M, K),
+        W (N, K). UPCAST (the interpreter): operands as fp32, whose dot is exact there."""
         offs_k = tl.arange(0, BLOCK_K)
-        a_ptrs = A + offs_m[:, None] * stride_am + offs_k[None, :] * stride_ak
-        b_ptrs = A + offs_n[None, :] * stride_am + offs_k[:, None] * stride_ak  # A^T tile
-        acc = tl.zeros((BLOCK_M, BLOCK_M), dtype=tl.float32)
+        x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
+        w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # W^T tile
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             k_ok = offs_k < K - k0
-            a = tl.load(a_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-            b = tl.load(b_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < M), other=0.0)
+            a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
+            b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
             if UPCAST:
                 a = a.to(tl.float32)
                 b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
-            a_ptrs += BLOCK_K * stride_ak
-            b_ptrs += BLOCK_K * stride_ak
+            x_ptrs += BLOCK_K * stride_xk
+            w_ptrs += BLOCK_K * stride_wk
         return acc
+
+    @triton.jit
+    def _sym_tile_rows_dot(A, M, K, stride_am, stride_ak, pid_m, pid_n,
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+        """fp32 tile (rows pid_m, cols pid_n) of A @ A^T, A being an (M, K) matrix: _tile_matmul
+        with W = A."""
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
+        return _tile_matmul(A, A, M, M, K, stride_am, stride_ak, stride_am, stride_ak, offs_m, offs_n,
+                            BLOCK_M, BLOCK_M, BLOCK_K, UPCAST)
 
     @triton.jit
     def _sym_tile_store(C, acc, M, stride_cm, stride_cn, pid_m, pid_n, BLOCK_M: tl.constexpr):
@@ -758,36 +776,6 @@ if triton is not None:
             tl.store(gt_out + cols[None, :].to(tl.int64) * T + rows64[:, None], g, mask=ok)
         tl.store(loss_out + rows, W * lse - picked, mask=row_ok)
 
-    @triton.jit
-    def _grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-        """(pid_m, pid_n) of output tile `pid`: GROUP_M row tiles in a row share their W tiles in L2."""
-        tiles_m, tiles_n = tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N)
-        group = pid // (GROUP_M * tiles_n)
-        first_m = group * GROUP_M
-        rows_in_group = min(tiles_m - first_m, GROUP_M)
-        return first_m + (pid % (GROUP_M * tiles_n)) % rows_in_group, (pid % (GROUP_M * tiles_n)) // rows_in_group
-
-    @triton.jit
-    def _tile_matmul(X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, offs_m, offs_n,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
-        """The (BLOCK_M, BLOCK_N) tile of X @ W^T at rows offs_m, columns offs_n, in fp32; X (M, K),
-        W (N, K). UPCAST (the interpreter): operands as fp32, whose dot is exact there."""
-        offs_k = tl.arange(0, BLOCK_K)
-        x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
-        w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # W^T tile
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k_ok = offs_k < K - k0
-            a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
-            b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc)
-            x_ptrs += BLOCK_K * stride_xk
-            w_ptrs += BLOCK_K * stride_wk
-        return acc
-
     def _matmul_autotune(tiles):
         """triton.autotune over the (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) in
         `tiles`, per (M, N, K); the interpreter runs the kernel with one fixed config instead."""
@@ -1100,7 +1088,7 @@ if triton is not None:
     def _mlp_matmul_kernel(X, W, H, OUT, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                            GROUP_M: tl.constexpr, BACKWARD: tl.constexpr, UPCAST: tl.constexpr):
-        """acc = X @ W^T for X (M, K), W (N, K) in fp32 (2d's tile helpers). Forward:
+        """acc = X @ W^T for X (M, K), W (N, K) in fp32 (2a's tile helpers). Forward:
         OUT = relu(acc)^2. Backward (H the forward's output, same strides as OUT):
         OUT = acc * 2 sqrt(H)."""
         pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)

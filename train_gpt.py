@@ -254,7 +254,7 @@ def parse_args(argv=None) -> Hyperparameters:
 # 2. Kernels
 # =====================================================================================
 
-# --- 2a. Symmetric matmuls for Polar Express (Triton on CUDA, PyTorch elsewhere) ------
+# --- 2a. Symmetric matmuls for Polar Express (Triton where the plan proved them) -------
 # Polar Express needs A = X X^T and B = b*A + c*A@A with A symmetric. Both results are
 # symmetric, so the kernels compute only the tiles on and below the diagonal and write each
 # off-diagonal tile a second time, transposed, into the mirror position. For a symmetric A,
@@ -397,17 +397,18 @@ def ba_plus_cAA(A: Tensor, b: float, c: float, out: Tensor) -> Tensor:
     return _launch_sym(_ba_plus_caa_kernel, A, out, b, c)
 
 
-def _use_sym_triton(A: Tensor, force_triton: bool) -> bool:
-    if force_triton:  # tests: the Triton kernels on CPU tensors under TRITON_INTERPRET=1
-        if triton is None or not (A.is_cuda or _TRITON_INTERPRET):
-            raise RuntimeError("force_triton needs Triton and a CUDA tensor or TRITON_INTERPRET=1")
-        return True
-    return A.is_cuda and triton is not None
+def _sym_triton(A: Tensor, use_triton: bool) -> bool:
+    """Whether the Triton kernel runs: when asked (RunPlan.sym_triton, or a test), except on
+    `meta` tensors, where the PyTorch op stands in for it (shapes only, one op either way)."""
+    if use_triton and triton is None:
+        raise RuntimeError("the Triton symmetric matmuls need Triton")
+    return use_triton and not A.is_meta
 
 
-def sym_xxt(A: Tensor, out: Tensor | None = None, force_triton: bool = False) -> Tensor:
-    """A @ A^T (batched over a leading dim if A is 3-D): Triton on CUDA, PyTorch otherwise."""
-    if _use_sym_triton(A, force_triton):
+def sym_xxt(A: Tensor, out: Tensor | None = None, use_triton: bool = False) -> Tensor:
+    """A @ A^T (batched over a leading dim if A is 3-D): the Triton kernel when use_triton
+    (the plan's choice, proven at start-up), else PyTorch's matmul."""
+    if _sym_triton(A, use_triton):
         if out is None:
             out = A.new_empty(*A.shape[:-1], A.size(-2))
         return XXT(A, out)
@@ -415,9 +416,10 @@ def sym_xxt(A: Tensor, out: Tensor | None = None, force_triton: bool = False) ->
 
 
 def sym_ba_plus_caa(A: Tensor, b: float, c: float, out: Tensor | None = None,
-                    force_triton: bool = False) -> Tensor:
-    """b * A + c * A @ A for a symmetric A (2-D or batched 3-D): Triton on CUDA, PyTorch otherwise."""
-    if _use_sym_triton(A, force_triton):
+                    use_triton: bool = False) -> Tensor:
+    """b * A + c * A @ A for a symmetric A (2-D or batched 3-D): the Triton kernel when
+    use_triton, else PyTorch's addmm."""
+    if _sym_triton(A, use_triton):
         return ba_plus_cAA(A, b, c, torch.empty_like(A) if out is None else out)
     return (torch.baddbmm if A.ndim == 3 else torch.addmm)(A, A, A, beta=b, alpha=c, out=out)
 
@@ -426,8 +428,8 @@ def sym_ba_plus_caa(A: Tensor, b: float, c: float, out: Tensor | None = None,
 # Every backend computes the same thing on packed (varlen) sequences: q, k, v of shape
 # (T, H, D) hold several documents back to back; cu_seqlens (int32) lists where each
 # document starts (padded at the end with T). Query i sees key j iff both lie in the same
-# document and i - window <= j <= i. The backend is chosen once at start-up
-# (select_attention_backend) and stored on the model, so the hot path has no branches.
+# document and i - window <= j <= i. The backend is chosen once at start-up, proven against
+# SDPA (the start-up plan, 2f), and read from the plan by the model: no branch in the hot path.
 
 # FlashAttention-3 from the Hugging Face kernel hub (`pip install 'kernels>=0.14,<1'`). The
 # record loaded varunneal/flash-attention-3, which kernels 0.14+ refuses without
@@ -454,11 +456,6 @@ def load_fa3() -> tuple[object, str]:
     except Exception as e:  # no network, no build for this torch/GPU, a refused repository
         reason = (str(e).strip().splitlines() or [""])[0][:200]
         return None, f"cannot load {what} from the kernel hub ({type(e).__name__}: {reason})"
-
-
-def _gpu_major(device: torch.device) -> int:
-    """The CUDA compute capability's major version, 0 off CUDA."""
-    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
 
 
 def document_ids(cu_seqlens: Tensor, T: int) -> Tensor:
@@ -518,62 +515,6 @@ def attention_varlen(q, k, v, cu_seqlens, max_seqlen, window, scale):
                        scale=scale, window_size=(window, 0))
 
 
-def _try_backend(name: str, device: torch.device):
-    """(function, None, what loaded) if `name` can run on `device`, else (None, reason, "")."""
-    if name == "sdpa":
-        return attention_sdpa, None, ""
-    if name == "flex":
-        if device.type != "cuda":
-            return None, "FlexAttention has no backward on CPU", ""
-        return attention_flex, None, ""
-    if name == "varlen":
-        if _gpu_major(device) < 8:
-            return None, "varlen_attn needs an sm80+ CUDA GPU", ""
-        try:
-            import inspect
-            from torch.nn.attention.varlen import varlen_attn
-            params = inspect.signature(varlen_attn).parameters
-            if "scale" not in params or "window_size" not in params:
-                return None, "this torch's varlen_attn lacks scale/window_size", ""
-        except ImportError:
-            return None, "torch.nn.attention.varlen is not in this torch", ""
-        return attention_varlen, None, ""
-    if name == "fa3":
-        if _gpu_major(device) != 9:
-            return None, "FlashAttention-3 needs a Hopper (sm90) GPU", ""
-        fa3, what = load_fa3()
-        if fa3 is None:
-            return None, what, ""
-        return _make_fa3_attention(fa3), None, f" ({what})"
-    raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(ATTENTION_BACKENDS)}")
-
-
-def forced_attention_backend(name: str, device: torch.device):
-    """(function, what loaded) of --attn_backend=name; ConfigError if it cannot run here."""
-    fn, why, what = _try_backend(name, device)
-    if fn is None:
-        raise ConfigError(f"--attn_backend={name} cannot run here: {why}")
-    return fn, what
-
-
-def select_attention_backend(requested: str, device) -> tuple[str, object, str]:
-    """Picks the attention backend once: (name, function, message for the log).
-    'auto' tries FA3, torch varlen, FlexAttention, then SDPA; a forced backend that
-    cannot run is an error."""
-    device = torch.device(device)
-    if requested != "auto":
-        fn, what = forced_attention_backend(requested, device)
-        return requested, fn, f"attention backend: {requested}{what} (forced)"
-    skipped = []
-    for name in ATTENTION_BACKENDS:
-        fn, why, what = _try_backend(name, device)
-        if fn is not None:
-            note = f" (fallback; skipped {'; '.join(skipped)})" if skipped and _gpu_major(device) else ""
-            return name, fn, f"attention backend: {name}{what}{note}"
-        skipped.append(f"{name}: {why}")
-    raise AssertionError("sdpa is always available")
-
-
 # --- 2c. FP8 lm_head ------------------------------------------------------------------
 # Training-time lm_head matmul in FP8 (H100/H200, compute capability >= 8.9): x and w are
 # scaled into e4m3, the gradient into e5m2; scaled matmuls accumulate in higher precision.
@@ -614,11 +555,11 @@ def _fp8_mm_backward_body(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s
 _COMPILED_FP8 = {}
 
 
-def _fp8_body(fn, device: torch.device):
-    """The op body: compiled on CUDA (as in the record: the casts and transposes fuse into
-    the scaling kernels; compiled lazily at the first call, so importing compiles nothing),
-    plain PyTorch elsewhere (CPU tests)."""
-    if device.type != "cuda":
+def _fp8_body(fn, compiled: bool):
+    """The op body: compiled when the plan compiles (as in the record: the casts and
+    transposes fuse into the scaling kernels; compiled lazily at the first call, so importing
+    compiles nothing), plain PyTorch otherwise (CPU tests)."""
+    if not compiled:
         return fn
     if fn not in _COMPILED_FP8:
         _COMPILED_FP8[fn] = maybe_compile(fn, True)
@@ -626,24 +567,27 @@ def _fp8_body(fn, device: torch.device):
 
 
 @torch.library.custom_op("train_gpt::fp8_mm", mutates_args=())
-def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor, Tensor]:
-    """out = x @ w.T in FP8; also returns the FP8 copies of x and w for the backward."""
-    return _fp8_body(_fp8_mm_body, x.device)(x, w, x_s, w_s)
+def fp8_mm(x: Tensor, w: Tensor, x_s: float, w_s: float, grad_s: float,
+           compiled: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """out = x @ w.T in FP8; also returns the FP8 copies of x and w for the backward.
+    compiled: the op bodies through torch.compile (RunPlan.compile)."""
+    return _fp8_body(_fp8_mm_body, compiled)(x, w, x_s, w_s)
 
 
 @fp8_mm.register_fake
-def _(x, w, x_s, w_s, grad_s):
+def _(x, w, x_s, w_s, grad_s, compiled=False):
     return (x.new_empty(x.size(0), w.size(0), dtype=torch.bfloat16),
             torch.empty_like(x, dtype=torch.float8_e4m3fn), torch.empty_like(w, dtype=torch.float8_e4m3fn))
 
 
 @torch.library.custom_op("train_gpt::fp8_mm_backward", mutates_args=())
-def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float) -> tuple[Tensor, Tensor]:
-    return _fp8_body(_fp8_mm_backward_body, g.device)(g, x_f8, w_f8, x_s, w_s, grad_s)
+def fp8_mm_backward(g: Tensor, x_f8: Tensor, w_f8: Tensor, x_s: float, w_s: float, grad_s: float,
+                    compiled: bool = False) -> tuple[Tensor, Tensor]:
+    return _fp8_body(_fp8_mm_backward_body, compiled)(g, x_f8, w_f8, x_s, w_s, grad_s)
 
 
 @fp8_mm_backward.register_fake
-def _(g, x_f8, w_f8, x_s, w_s, grad_s):
+def _(g, x_f8, w_f8, x_s, w_s, grad_s, compiled=False):
     # grad_w is the transpose of a contiguous (d, V) product: column-major strides (1, V)
     V, d = w_f8.shape
     return (torch.empty_like(x_f8, dtype=torch.bfloat16),
@@ -652,40 +596,19 @@ def _(g, x_f8, w_f8, x_s, w_s, grad_s):
 
 def _fp8_mm_backward(ctx, grad_out, *_):
     x_f8, w_f8 = ctx.saved_tensors
-    grad_x, grad_w = torch.ops.train_gpt.fp8_mm_backward(grad_out, x_f8, w_f8, *ctx.scales)
-    return grad_x, grad_w, None, None, None
+    grad_x, grad_w = torch.ops.train_gpt.fp8_mm_backward(grad_out, x_f8, w_f8, *ctx.scales, ctx.compiled)
+    return grad_x, grad_w, None, None, None, None
 
 
 def _fp8_mm_setup_context(ctx, inputs, output):
-    _, _, x_s, w_s, grad_s = inputs
+    _, _, x_s, w_s, grad_s, *compiled = inputs
     ctx.save_for_backward(output[1], output[2])
     ctx.scales = (x_s, w_s, grad_s)
+    ctx.compiled = bool(compiled and compiled[0])
     ctx.set_materialize_grads(False)
 
 
 fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
-
-
-def fp8_supported(device) -> tuple[bool, str]:
-    """(supported, reason): the reason says why not (or "FP8 lm_head: on")."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return False, f"FP8 lm_head needs a CUDA GPU (device is {device.type})"
-    cap = torch.cuda.get_device_capability(device)
-    if cap < (8, 9):
-        return False, f"FP8 lm_head needs compute capability >= 8.9, this GPU has {cap[0]}.{cap[1]}"
-    return True, "FP8 lm_head: on"
-
-
-def fp8_setting(setting: str, device) -> tuple[bool, str]:
-    """--fp8 on `device`: (use the FP8 head, reason for the log; "" for off). ConfigError
-    for --fp8=on where FP8 cannot run."""
-    if setting == "off":
-        return False, ""
-    ok, why = fp8_supported(device)
-    if not ok and setting == "on":
-        raise ConfigError(f"--fp8=on: {why}")
-    return ok, why
 
 
 # --- 2d. Fused loss head: one pass over the logits, its gradient written in FP8 ------
@@ -820,34 +743,6 @@ if triton is not None:
                  mask=(offs_m[:, None] < M) & (cols[None, :] < n_blocks))
 
 
-def triton_available(device, what: str) -> tuple[bool, str]:
-    """(available, reason): a Triton kernel path needs Triton on CUDA (or its CPU interpreter)."""
-    device = torch.device(device)
-    if triton is None:
-        return False, f"{what} needs Triton"
-    if device.type != "cuda" and not _TRITON_INTERPRET:
-        return False, f"{what} needs a CUDA GPU or TRITON_INTERPRET=1 (device is {device.type})"
-    return True, ""
-
-
-def fused_loss_available(args, device) -> tuple[bool, str]:
-    """(available, reason) for --fused_loss: Triton, and the FP8 head it fuses (as build_model
-    turns it on: --fp8 not off and a GPU with FP8)."""
-    ok, why = triton_available(device, "fused loss head")
-    if ok and (args.fp8 == "off" or not fp8_supported(device)[0]):
-        return False, "the fused loss head is the FP8 head's, and FP8 is off here"
-    return ok, why
-
-
-def fused_mlp_available(args, device) -> tuple[bool, str]:
-    """(available, reason) for --fused_mlp: Triton, and bf16 activations (build_model keeps
-    float32 ones on CPU)."""
-    ok, why = triton_available(device, "fused MLP")
-    if ok and torch.device(device).type == "cpu":
-        return False, "the fused MLP is for bf16 activations, which the CPU path does not use"
-    return ok, why
-
-
 # what the loss kernel moves per (T, V) element, by whether it is given the log-sum-exp's
 # partial sums (one pass: reads the bf16 logits once) or not (twice); it writes e5m2 twice
 MTP_KERNEL_BYTES_PER_ELEMENT = {True: dict(read=2, write=2 * 1), False: dict(read=2 * 2, write=2 * 1)}
@@ -907,12 +802,12 @@ def _(x_f8, w_f8):
 
 
 def _fused_head_forward_body(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float,
-                             one_pass: bool):
+                             one_pass: bool, compiled: bool):
     if one_pass:
-        x_f8, w_f8 = _fp8_body(_fp8_quantize, x.device)(x, w)
+        x_f8, w_f8 = _fp8_body(_fp8_quantize, compiled)(x, w)
         logits, partial = fp8_logits_lse(x_f8, w_f8)
     else:
-        logits, x_f8, w_f8 = _fp8_body(_fp8_mm_body, x.device)(x, w, FP8_X_SCALE, FP8_W_SCALE)
+        logits, x_f8, w_f8 = _fp8_body(_fp8_mm_body, compiled)(x, w, FP8_X_SCALE, FP8_W_SCALE)
         partial = x.new_empty(x.size(0), 0, dtype=torch.float32)
     scale = _f32_scalar(grad_scale / FP8_GRAD_SCALE, x)
     loss, g, gt = mtp_loss_grad_e5m2(logits, targets, weights, scale, partial)
@@ -931,13 +826,13 @@ def _fused_head_backward_body(g: Tensor, gt: Tensor, x_f8: Tensor, w_f8: Tensor,
 
 @torch.library.custom_op("train_gpt::fused_loss_head", mutates_args=())
 def fused_loss_head_op(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float,
-                       one_pass: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                       one_pass: bool, compiled: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(summed multi-token loss, e5m2 gradient (T, V) and (V, T), x and w in e4m3)."""
-    return _fused_head_forward_body(x, w, targets, weights, grad_scale, one_pass)
+    return _fused_head_forward_body(x, w, targets, weights, grad_scale, one_pass, compiled)
 
 
 @fused_loss_head_op.register_fake
-def _(x, w, targets, weights, grad_scale, one_pass):
+def _(x, w, targets, weights, grad_scale, one_pass, compiled=False):
     T, V = x.size(0), w.size(0)
     return (x.new_empty((), dtype=torch.float32), x.new_empty(T, V, dtype=torch.float8_e5m2),
             x.new_empty(V, T, dtype=torch.float8_e5m2), torch.empty_like(x, dtype=torch.float8_e4m3fn),
@@ -945,12 +840,13 @@ def _(x, w, targets, weights, grad_scale, one_pass):
 
 
 @torch.library.custom_op("train_gpt::fused_loss_head_backward", mutates_args=())
-def fused_loss_head_backward(g: Tensor, gt: Tensor, x_f8: Tensor, w_f8: Tensor, g_scale: Tensor) -> tuple[Tensor, Tensor]:
-    return _fp8_body(_fused_head_backward_body, g.device)(g, gt, x_f8, w_f8, g_scale)
+def fused_loss_head_backward(g: Tensor, gt: Tensor, x_f8: Tensor, w_f8: Tensor, g_scale: Tensor,
+                             compiled: bool = False) -> tuple[Tensor, Tensor]:
+    return _fp8_body(_fused_head_backward_body, compiled)(g, gt, x_f8, w_f8, g_scale)
 
 
 @fused_loss_head_backward.register_fake
-def _(g, gt, x_f8, w_f8, g_scale):
+def _(g, gt, x_f8, w_f8, g_scale, compiled=False):
     V, d = w_f8.shape
     return (torch.empty_like(x_f8, dtype=torch.bfloat16),
             torch.empty_strided((V, d), (1, V), dtype=torch.float32, device=w_f8.device))
@@ -958,6 +854,7 @@ def _(g, gt, x_f8, w_f8, g_scale):
 
 def _fused_head_setup_context(ctx, inputs, output):
     ctx.grad_scale = inputs[4]
+    ctx.compiled = len(inputs) > 6 and bool(inputs[6])
     ctx.save_for_backward(*output[1:])
     ctx.set_materialize_grads(False)
 
@@ -968,104 +865,19 @@ def _fused_head_backward(ctx, grad_loss, *_):
     # than grad_scale is folded into the scale (a 0-d device tensor: no host sync). For the
     # trainer's 1/grad_accum, a power of 2, g_scale is grad_s exactly.
     g_scale = grad_loss.float() * (FP8_GRAD_SCALE / ctx.grad_scale)
-    grad_x, grad_w = torch.ops.train_gpt.fused_loss_head_backward(g, gt, x_f8, w_f8, g_scale)
-    return grad_x, grad_w, None, None, None, None
+    grad_x, grad_w = torch.ops.train_gpt.fused_loss_head_backward(g, gt, x_f8, w_f8, g_scale, ctx.compiled)
+    return grad_x, grad_w, None, None, None, None, None
 
 
 fused_loss_head_op.register_autograd(_fused_head_backward, setup_context=_fused_head_setup_context)
 
 
 def fused_loss_head(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad_scale: float,
-                    one_pass: bool = True) -> Tensor:
+                    one_pass: bool = True, compiled: bool = False) -> Tensor:
     """The training loss (as mtp_loss of the FP8 head's logits) through the fused op, in one
     pass over the logits or two; its backward expects `grad_scale` as the incoming gradient
     (other values are handled)."""
-    return fused_loss_head_op(x, w, targets, weights, grad_scale, one_pass)[0]
-
-
-def time_loss_heads(T: int, d: int, V: int, K: int, grad_scale: float, device, iters: int = 5) -> list[float]:
-    """ms per forward + backward of the FP8 loss head at (T, d, V) with K predictions, CUDA
-    events: [fused in one pass, in two passes, unfused (its loss compiled as in the model)].
-    Random inputs."""
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(T, d, device=device, generator=g).bfloat16().requires_grad_()
-    w = (torch.randn(V, d, device=device, generator=g) * 0.005).bfloat16().requires_grad_()
-    targets = torch.randint(0, V, (T,), device=device, generator=g)
-    weights = torch.tensor([1.0, 0.5, 0.25][:K], device=device)
-    unfused_loss = torch.compile(mtp_loss, dynamic=False, fullgraph=True)
-
-    def unfused(x, w):
-        return unfused_loss(fp8_mm(x, w, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0], targets, weights) * grad_scale
-
-    def one_pass(x, w):
-        return fused_loss_head(x, w, targets, weights, grad_scale, one_pass=True) * grad_scale
-
-    def two_passes(x, w):
-        return fused_loss_head(x, w, targets, weights, grad_scale, one_pass=False) * grad_scale
-
-    return _time_fwd_bwd((one_pass, two_passes, unfused), (x, w), iters)
-
-
-def time_mlps(T: int, d: int, device, iters: int = 5) -> list[float]:
-    """ms per forward + backward of one MLP at (T, d), CUDA events: (fused, unfused, the
-    latter compiled as in the model). Random inputs."""
-    g = torch.Generator(device=device).manual_seed(0)
-    x = torch.randn(T, d, device=device, generator=g).bfloat16().requires_grad_()
-    c_fc = (torch.randn(4 * d, d, device=device, generator=g) * d ** -0.5).bfloat16().requires_grad_()
-    c_proj = (torch.randn(4 * d, d, device=device, generator=g) * d ** -0.5).bfloat16().requires_grad_()
-    return _time_fwd_bwd((fused_mlp, torch.compile(unfused_mlp, dynamic=False, fullgraph=True)),
-                         (x, c_fc, c_proj), iters)
-
-
-def _time_fwd_bwd(fns, inputs, iters: int) -> list[float]:
-    """ms per fn(*inputs).sum().backward() for each fn (2 untimed calls first)."""
-    times = []
-    for fn in fns:
-        for i in range(2 + iters):
-            if i == 2:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            fn(*inputs).sum().backward()
-            for t in inputs:
-                t.grad = None
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / iters)
-    torch.cuda.empty_cache()
-    return times
-
-
-def choose_fused_path(flag: str, setting: str, available: tuple[bool, str], time_paths, rank: int,
-                      world_size: int, device: torch.device, log, paths: tuple[str, ...] = ("fused",),
-                      timed: bool | None = None) -> str | None:
-    """The start-up choice of a fused kernel path (--fused_loss, --fused_mlp): the name of
-    the fused path taken (one of `paths`), or None for the unfused one. off: None; on: the
-    first of `paths` (an error where it cannot run); auto: None on CPU; on CUDA rank 0 times
-    each path at the run's shapes (time_paths() -> ms of each of `paths`, then of the
-    unfused path), broadcasts the timings, and every rank takes the fastest. Logs the choice
-    and the timings. (timed: whether auto times, default on CUDA only.)"""
-    ok, why = available
-    named = len(paths) > 1  # name the fused path in the log
-    if setting == "on":
-        if not ok:
-            raise ConfigError(f"--{flag}=on: {why}")
-        log(f"{flag}: on{', ' + paths[0] if named else ''} (forced)")
-        return paths[0]
-    if setting == "off" or not ok or not (device.type == "cuda" if timed is None else timed):
-        log(f"{flag}: off" + (" (forced)" if setting == "off" else f" ({why or 'auto: off on ' + device.type})"))
-        return None
-    times = torch.tensor(time_paths() if rank == 0 else [0.0] * (len(paths) + 1), dtype=torch.float64,
-                         device=device)
-    if world_size > 1:
-        dist.broadcast(times, 0)
-    times = times.tolist()
-    best = min(range(len(paths)), key=times.__getitem__)
-    choice = paths[best] if times[best] < times[-1] else None  # fused only where faster
-    shown = ", ".join(f"{name} {ms:.3f} ms" for name, ms in zip((*paths, "unfused"), times))
-    log(f"{flag}: {'off' if choice is None else 'on'}{', ' + choice if named and choice else ''} "
-        f"(auto: rank 0 timed {shown})")
-    return choice
-
+    return fused_loss_head_op(x, w, targets, weights, grad_scale, one_pass, compiled)[0]
 
 
 # --- 2e. Fused MLP: the first matmul with ReLU^2 in its epilogue ---------------------
@@ -1165,6 +977,727 @@ def unfused_mlp(x: Tensor, c_fc: Tensor, c_proj: Tensor) -> Tensor:
     return F.relu(F.linear(x, c_fc)).square() @ c_proj
 
 
+# --- 2f. The start-up plan: what this machine runs, each fast path proven first -------
+# Every choice that depends on the machine is made once, before the clock, by resolve_plan
+# and held in one immutable RunPlan that build_model, the optimizers and the Trainer read
+# (and tools/bench.py, tools/preflight.py, tools/selfcheck.py). A fast path that `auto` could
+# take (an attention backend other than SDPA, the FP8 head, the fused loss head in one pass
+# or two, the fused MLP, the Triton symmetric matmuls) is taken only if:
+#   1. it runs at the run's shapes (the largest micro-batch) inside a guard: any exception
+#      (a compile error, OutOfResources, a CUDA error, a missing symbol) drops it, with the
+#      exception's first line as the reason;
+#   2. its outputs equal its reference path's on the same inputs within PROOF_TOLERANCES
+#      (relative errors, ALGORITHM.md section 7); a NaN or a miss drops it;
+#   3. it passed on every rank (one all_gather of the results), so no rank ever runs another
+#      kernel than its peers;
+#   4. for the fused paths and the symmetric matmuls: rank 0's median of PLAN_SAMPLES
+#      timings beats the reference's by PLAN_MARGIN (every rank takes rank 0's choice).
+# auto takes fast paths on CUDA only (on the CPU the reference paths are the fast ones;
+# tools/selfcheck.py proves the Triton kernels there under TRITON_INTERPRET=1). A forced
+# `on` skips the timing, but not the check: a failure is one ConfigError naming the path.
+
+# relative errors (Frobenius norms, float64) a fast path may have against its reference
+# path: about twice the largest the tests measured (ALGORITHM.md section 7 lists them)
+PROOF_TOLERANCES = {
+    "attention": 2e-2,  # out, dq, dk, dv vs SDPA in float32 (bf16 inputs: ~4e-3)
+    "fp8 head": 0.15,  # out, grad_x, grad_w vs the bf16 linear (e4m3 / e5m2 rounding: up to 6e-2)
+    "loss": 1e-4,  # the fused loss head's summed loss vs the unfused FP8 head (2e-5)
+    "loss grads": 0.1,  # its grad_x, grad_w (e5m2 rounded once vs through bf16: 5e-3 to 4.5e-2)
+    "mlp": 2e-2,  # the fused MLP's output and three gradients vs the unfused MLP (8e-3)
+    "sym": 1e-2,  # the Triton symmetric matmuls vs torch's A @ A^T and b A + c A A (bf16: 4e-3)
+}
+PLAN_MARGIN = 0.02  # a fused path must be this much faster than its reference to be taken
+PLAN_SAMPLES = 7  # timing samples per path (the median decides), each of PLAN_ITERS calls
+PLAN_ITERS = 3
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the plan's choices depend on: the device, whether it is a CUDA GPU and its
+    compute capability, Triton and its CPU interpreter. Machine.of(device) reads them; the
+    preflight and the tests describe other machines."""
+    device: torch.device
+    cuda: bool = False
+    capability: tuple = (0, 0)
+    triton: bool = False
+    interpret: bool = False
+
+    @staticmethod
+    def of(device) -> Machine:
+        if isinstance(device, Machine):
+            return device
+        device = torch.device(device)
+        cuda = device.type == "cuda"
+        return Machine(device, cuda, torch.cuda.get_device_capability(device) if cuda else (0, 0),
+                       triton is not None, _TRITON_INTERPRET)
+
+    @staticmethod
+    def record_gpu(device="meta") -> Machine:
+        """An H100 (sm90) with Triton, as the record runs on; `meta` for the preflight."""
+        return Machine(torch.device(device), True, (9, 0), True, False)
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """Every machine-dependent choice of a run, resolved once (resolve_plan) and read
+    everywhere; the defaults are the reference paths. `rows` (choice, value, why) are the
+    log's table; attn_fn is the backend's function (attn_backend names it)."""
+    device: torch.device
+    world_size: int = 1
+    act_dtype: torch.dtype = torch.float32
+    ortho_dtype: torch.dtype = torch.float32
+    compile: bool = False
+    attn_backend: str = "sdpa"
+    attn_fn: Callable = dataclasses.field(default=attention_sdpa, compare=False)
+    fp8: bool = False
+    fused_loss: str | None = None  # None, or one of FUSED_LOSS_PATHS
+    fused_mlp: bool = False
+    sym_triton: bool = False
+    grad_sum_dtype: torch.dtype | None = None
+    loss_every: int = 1  # read (and log) the training loss every N steps
+    interpret: bool = False
+    rows: tuple = dataclasses.field(default=(), compare=False)
+    proofs: tuple = dataclasses.field(default=(), compare=False)  # every Proof resolve_plan made
+    timings: tuple = dataclasses.field(default=(), compare=False)  # (choice, {path: (ms, failure)})
+
+    @property
+    def grad_accum(self) -> int:
+        return VIRTUAL_RANKS // self.world_size
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def cpu(self) -> bool:
+        return self.device.type == "cpu"
+
+    @property
+    def meta(self) -> bool:
+        return self.device.type == "meta"
+
+    def sync(self) -> None:
+        """Wait for the device (a no-op off CUDA)."""
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def table(self) -> str:
+        width = max(len(c) for c, _, _ in self.rows)
+        vwidth = max(len(v) for _, v, _ in self.rows)
+        return "\n".join(f"  {c:<{width}}  {v:<{vwidth}}  {why}" for c, v, why in self.rows)
+
+
+def _name(dtype) -> str:
+    return "p.grad" if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def grad_sum_dtype(setting: str, machine, world_size: int) -> torch.dtype | None:
+    """--grad_sum_dtype resolved: None = autograd's own p.grad, in each parameter's dtype.
+
+    auto: float64 on CPU, where it makes 1, 2, 4 and 8 processes bitwise identical (see
+    GradSums); on GPU p.grad with one micro-batch per rank (the record on 8 GPUs: nothing
+    to sum) and float32 with gradient accumulation.
+    """
+    if setting == "auto":
+        cuda = machine.cuda if isinstance(machine, Machine) else torch.device(machine).type == "cuda"
+        if not cuda:
+            return torch.float64
+        return None if VIRTUAL_RANKS // world_size == 1 else torch.float32
+    if setting == "param":
+        return None
+    if setting in ("float32", "float64"):
+        return getattr(torch, setting)
+    raise ValueError(f"--grad_sum_dtype={setting}: expected one of {', '.join(GRAD_SUM_DTYPES)}")
+
+
+def base_plan(args: Hyperparameters, machine, world_size: int = 1) -> RunPlan:
+    """The choices that need no proof (dtypes, compile, gradient sums, the loss cadence),
+    every fast path at its reference: what resolve_plan starts from."""
+    m = Machine.of(machine)
+    act = torch.bfloat16 if m.cuda else torch.float32
+    compiled = args.compile == "on" or (args.compile == "auto" and m.cuda)
+    sums = grad_sum_dtype(args.grad_sum_dtype, m, world_size)
+    where = "GPU, as the record" if m.cuda else f"{m.device.type}: bf16 matmuls are ~10x slower there"
+    rows = (("device", str(m.device), f"--device={args.device}" + (f", sm{m.capability[0]}{m.capability[1]}"
+                                                                   if m.cuda else "")),
+            ("activations", _name(act), where),
+            ("Polar Express dtype", _name(act), where),
+            ("torch.compile", "on" if compiled else "off", f"--compile={args.compile}"
+             + ("" if args.compile != "auto" else " (on for CUDA)")),
+            ("gradient sums", _name(sums), f"--grad_sum_dtype={args.grad_sum_dtype}, "
+                                           f"{VIRTUAL_RANKS // world_size} micro-batch(es) per rank"),
+            ("loss read every", f"{25 if m.cuda else 1} step(s)", "reading it waits for the GPU" if m.cuda
+             else "the CPU: no wait"),
+            ("Triton interpreter", "on" if m.interpret else "off", "TRITON_INTERPRET=" + ("1" if m.interpret else "unset")))
+    return RunPlan(m.device, world_size, act, act, compiled, grad_sum_dtype=sums, loss_every=25 if m.cuda else 1,
+                   interpret=m.interpret, rows=rows)
+
+
+# --- what each fast path needs of the machine --------------------------------------------
+
+def _try_backend(name: str, machine):
+    """(function, None, what loaded) if attention backend `name` can run on this machine,
+    else (None, reason, "")."""
+    m = Machine.of(machine)
+    if name == "sdpa":
+        return attention_sdpa, None, ""
+    if name == "flex":
+        if not m.cuda:
+            return None, "FlexAttention has no backward on CPU", ""
+        return attention_flex, None, ""
+    if name == "varlen":
+        if m.capability[0] < 8:
+            return None, "varlen_attn needs an sm80+ CUDA GPU", ""
+        try:
+            import inspect
+            from torch.nn.attention.varlen import varlen_attn
+            params = inspect.signature(varlen_attn).parameters
+            if "scale" not in params or "window_size" not in params:
+                return None, "this torch's varlen_attn lacks scale/window_size", ""
+        except ImportError:
+            return None, "torch.nn.attention.varlen is not in this torch", ""
+        return attention_varlen, None, ""
+    if name == "fa3":
+        if m.capability[0] != 9:
+            return None, "FlashAttention-3 needs a Hopper (sm90) GPU", ""
+        fa3, what = load_fa3()
+        if fa3 is None:
+            return None, what, ""
+        return _make_fa3_attention(fa3), None, f" ({what})"
+    raise ValueError(f"unknown attention backend {name!r}; choose one of auto, {', '.join(ATTENTION_BACKENDS)}")
+
+
+def forced_attention_backend(name: str, machine):
+    """(function, what loaded) of --attn_backend=name; ConfigError if it cannot run here."""
+    fn, why, what = _try_backend(name, machine)
+    if fn is None:
+        raise ConfigError(f"--attn_backend={name} cannot run here: {why}")
+    return fn, what
+
+
+def fp8_supported(machine) -> tuple[bool, str]:
+    """(supported, reason): the reason says why not."""
+    m = Machine.of(machine)
+    if not m.cuda:
+        return False, f"FP8 lm_head needs a CUDA GPU (device is {m.device.type})"
+    if tuple(m.capability) < (8, 9):
+        return False, f"FP8 lm_head needs compute capability >= 8.9, this GPU has {m.capability[0]}.{m.capability[1]}"
+    return True, ""
+
+
+def fp8_setting(setting: str, machine) -> tuple[bool, str]:
+    """--fp8 on this machine: (may the FP8 head be used, reason when not). ConfigError for
+    --fp8=on where FP8 cannot run."""
+    if setting == "off":
+        return False, "--fp8=off"
+    ok, why = fp8_supported(machine)
+    if not ok and setting == "on":
+        raise ConfigError(f"--fp8=on: {why}")
+    return ok, why
+
+
+def triton_available(machine, what: str) -> tuple[bool, str]:
+    """(available, reason): a Triton kernel path needs Triton on CUDA (or its CPU interpreter)."""
+    m = Machine.of(machine)
+    if not m.triton:
+        return False, f"{what} needs Triton"
+    if not m.cuda and not m.interpret:
+        return False, f"{what} needs a CUDA GPU or TRITON_INTERPRET=1 (device is {m.device.type})"
+    return True, ""
+
+
+def fused_loss_available(args, machine) -> tuple[bool, str]:
+    """(available, reason) for --fused_loss: Triton, and the FP8 head it fuses (--fp8 not off
+    and a GPU with FP8)."""
+    ok, why = triton_available(machine, "fused loss head")
+    if ok and (args.fp8 == "off" or not fp8_supported(machine)[0]):
+        return False, "the fused loss head is the FP8 head's, and FP8 is off here"
+    return ok, why
+
+
+def fused_mlp_available(args, machine) -> tuple[bool, str]:
+    """(available, reason) for --fused_mlp: Triton, and bf16 activations (the CPU plan keeps
+    float32 ones)."""
+    ok, why = triton_available(machine, "fused MLP")
+    if ok and not Machine.of(machine).cuda:
+        return False, "the fused MLP is for bf16 activations, which the CPU path does not use"
+    return ok, why
+
+
+# --- proofs: each fast path against its reference, inside a guard --------------------------
+
+@dataclass(frozen=True)
+class Proof:
+    """One fast path's start-up check: its errors ((what, error, tolerance), ...) against its
+    reference path, or the failure that ended it (an exception's first line)."""
+    path: str
+    errors: tuple = ()
+    failure: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.failure and bool(self.errors) and all(e <= tol for _, e, tol in self.errors)  # NaN: False
+
+    @property
+    def worst(self) -> tuple:
+        """(what, error, tolerance) with the largest error / tolerance (NaN first)."""
+        return max(self.errors, key=lambda r: math.inf if r[1] != r[1] else r[1] / r[2])
+
+    @property
+    def why(self) -> str:
+        if self.failure:
+            return self.failure
+        if not self.errors:
+            return "no check ran"
+        what, err, tol = self.worst
+        return f"{what} error {err:.1e} {'<=' if err <= tol else '>'} tolerance {tol:.0e}"
+
+
+def relative_error(got: Tensor, ref: Tensor) -> float:
+    """||got - ref|| / ||ref|| in float64 on the CPU (NaN if either has a NaN)."""
+    got, ref = got.detach().double().cpu(), ref.detach().double().cpu()
+    return ((got - ref).norm() / ref.norm().clamp_min(1e-300)).item()
+
+
+def _one_line(e: BaseException) -> str:
+    text = (str(e).strip().splitlines() or [""])[0][:200]
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def prove(path: str, check: Callable[[], list], machine) -> Proof:
+    """Runs check() (-> [(what, error, tolerance), ...]) inside the guard. Any exception
+    becomes the Proof's failure. On a GPU a fault can leave the device unusable (a sticky
+    CUDA error): then no fallback can run here and the run ends with a ConfigError."""
+    try:
+        return Proof(path, tuple(check()))
+    except Exception as e:  # compile errors, OutOfResources, CUDA errors, missing symbols, wrong shapes
+        proof = Proof(path, failure=_one_line(e))
+    if Machine.of(machine).device.type == "cuda":
+        try:
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+        except Exception as e:
+            raise ConfigError(f"the GPU is unusable after the check of {path} failed ({proof.failure}; then "
+                              f"{_one_line(e)}): rerun with that path off") from None
+    return proof
+
+
+def _randn(*shape, seed: int, device, scale: float = 1.0, dtype=torch.bfloat16) -> Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+
+def _fwd_bwd(fn, inputs, grad=None) -> list[Tensor]:
+    """fn's output and the gradients of its inputs, for a fresh copy of the inputs."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(torch.ones_like(out) if grad is None else grad)
+    return [out.detach()] + [t.grad for t in leaves]
+
+
+def check_attention(fn, machine, num_heads: int, head_dim: int) -> list:
+    """A backend's output and q, k, v gradients against SDPA in float32, at a small packed
+    shape: documents of 300, 1, 400 and 323 tokens, a window of 384."""
+    device, dtype = Machine.of(machine).device, torch.bfloat16 if Machine.of(machine).cuda else torch.float32
+    T, window, scale = 1024, 384, head_dim ** -0.5
+    cu = torch.tensor([0, 300, 301, 701, T] + [T] * 3, dtype=torch.int32, device=device)
+    q, k, v, g = (_randn(T, num_heads, head_dim, seed=s, device=device, dtype=dtype) for s in range(4))
+    got = _fwd_bwd(lambda a, b, c: fn(a, b, c, cu, T, window, scale), (q, k, v), g)
+    ref = _fwd_bwd(lambda a, b, c: attention_sdpa(a, b, c, cu, T, window, scale),
+                   (q.float(), k.float(), v.float()), g.float())
+    tol = PROOF_TOLERANCES["attention"]
+    return [(what, relative_error(a, b), tol) for what, a, b in zip(("out", "dq", "dk", "dv"), got, ref)]
+
+
+def head_inputs(T: int, d: int, V: int, K: int, device) -> tuple:
+    """x (T, d) normalized as the final hidden states, w (V, d) as a trained lm_head, targets
+    and K multi-token weights: the loss head's check and timing inputs."""
+    x = norm(_randn(T, d, seed=10, device=device, dtype=torch.float32)).bfloat16()
+    w = _randn(V, d, seed=11, device=device, scale=0.05)
+    targets = torch.randint(0, V, (T,), generator=torch.Generator().manual_seed(12)).to(device)
+    weights = torch.tensor([1.0, 0.5, 0.25][:K], device=device)
+    return x, w, targets, weights
+
+
+def check_fp8_head(T: int, d: int, V: int, device, compiled: bool) -> list:
+    """The FP8 lm_head (2c): its output and gradients against the bf16 linear it replaces."""
+    x, w, _, _ = head_inputs(T, d, V, 1, device)
+    g = _randn(T, V, seed=13, device=device, scale=1e-3)
+    got = _fwd_bwd(lambda a, b: fp8_mm(a, b, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE, compiled)[0], (x, w), g)
+    ref = _fwd_bwd(lambda a, b: F.linear(a, b), (x, w), g)
+    tol = PROOF_TOLERANCES["fp8 head"]
+    return [(what, relative_error(a, b), tol) for what, a, b in zip(("out", "grad_x", "grad_w"), got, ref)]
+
+
+def loss_head_forms(x, w, targets, weights, grad_scale: float, compiled: bool) -> dict:
+    """The loss head's forms as functions of (x, w) -> the loss times grad_scale (what the
+    trainer's backward starts from): each fused path, and the unfused FP8 head."""
+    unfused_loss = maybe_compile(mtp_loss, compiled)
+    forms = {path: (lambda a, b, p=path: fused_loss_head(a, b, targets, weights, grad_scale, p == "one pass",
+                                                         compiled) * grad_scale) for path in FUSED_LOSS_PATHS}
+    forms["unfused"] = lambda a, b: unfused_loss(fp8_mm(a, b, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE, compiled)[0],
+                                                 targets, weights) * grad_scale
+    return forms
+
+
+def check_loss_head(path: str, T: int, d: int, V: int, K: int, grad_scale: float, device, compiled: bool) -> list:
+    """A fused loss head's loss, grad_x and grad_w against the unfused FP8 head's."""
+    x, w, targets, weights = head_inputs(T, d, V, K, device)
+    forms = loss_head_forms(x, w, targets, weights, grad_scale, compiled)
+    ref = _fwd_bwd(forms["unfused"], (x, w))
+    got = _fwd_bwd(forms[path], (x, w))
+    tol, gtol = PROOF_TOLERANCES["loss"], PROOF_TOLERANCES["loss grads"]
+    return [("loss", relative_error(got[0], ref[0]), tol), ("grad_x", relative_error(got[1], ref[1]), gtol),
+            ("grad_w", relative_error(got[2], ref[2]), gtol)]
+
+
+def mlp_inputs(T: int, d: int, device, dtype) -> tuple:
+    return (_randn(T, d, seed=20, device=device, dtype=dtype),
+            _randn(4 * d, d, seed=21, device=device, dtype=dtype, scale=d ** -0.5),
+            _randn(4 * d, d, seed=22, device=device, dtype=dtype, scale=d ** -0.5))
+
+
+def check_mlp(T: int, d: int, device, dtype) -> list:
+    """The fused MLP's output and three gradients against the unfused MLP's."""
+    inputs = mlp_inputs(T, d, device, dtype)
+    g = _randn(T, d, seed=23, device=device, dtype=dtype)
+    got, ref = _fwd_bwd(fused_mlp, inputs, g), _fwd_bwd(unfused_mlp, inputs, g)
+    tol = PROOF_TOLERANCES["mlp"]
+    return [(what, relative_error(a, b), tol)
+            for what, a, b in zip(("out", "grad_x", "grad c_fc", "grad c_proj"), got, ref)]
+
+
+def sym_inputs(d: int, per_rank: int, device, dtype) -> tuple:
+    """Polar Express's operands as its kernels see them at NorMuon's shapes: per_rank MLP
+    updates, transposed to (d, 4d), and per_rank attention updates as 4 (d, d) blocks each."""
+    mlp = _randn(per_rank, d, 4 * d, seed=30, device=device, dtype=dtype, scale=(4 * d) ** -0.5)
+    attn = _randn(4 * per_rank, d, d, seed=31, device=device, dtype=dtype, scale=d ** -0.5)
+    return mlp, attn
+
+
+def check_sym(d: int, per_rank: int, device, dtype) -> list:
+    """The Triton symmetric matmuls against torch's: A = X X^T of both stacks, and
+    b A + c A A (Polar Express's first coefficients) of the attention blocks' A."""
+    tol = PROOF_TOLERANCES["sym"]
+    rows = []
+    for what, X in zip(("X X^T (MLP)", "X X^T (attention)"), sym_inputs(d, per_rank, device, dtype)):
+        rows.append((what, relative_error(sym_xxt(X, use_triton=True), X @ X.mT), tol))
+    A = X @ X.mT
+    A = (A + A.mT) / 2  # exactly symmetric
+    _, b, c = POLAR_EXPRESS_COEFFS[0]
+    rows.append(("b A + c A A", relative_error(sym_ba_plus_caa(A, b, c, use_triton=True),
+                                               torch.baddbmm(A, A, A, beta=b, alpha=c)), tol))
+    return rows
+
+
+def polar_express_step(d: int, per_rank: int, device, dtype, use_triton: bool):
+    """One NorMuon step's Polar Express work on one rank (its MLP and attention updates):
+    what the symmetric matmuls are timed by."""
+    mlp, attn = sym_inputs(d, per_rank, device, dtype)
+    u_mlp, u_attn = mlp.mT.contiguous(), attn.reshape(per_rank, 4 * d, d)
+    return lambda: (orthogonalize_update(u_mlp, False, use_triton), orthogonalize_update(u_attn, True, use_triton))
+
+
+def time_paths(fns: dict, sync, samples: int = PLAN_SAMPLES, iters: int = PLAN_ITERS) -> dict:
+    """Median ms per call of each fn (samples taken in turn, so that drift hits all alike),
+    after 2 untimed calls each. A fn that raises gets math.inf and its failure."""
+    times, failed = {name: [] for name in fns}, {}
+    for name, fn in fns.items():
+        try:
+            fn()
+            fn()
+        except Exception as e:
+            failed[name] = _one_line(e)
+    for _ in range(samples):
+        for name, fn in fns.items():
+            if name in failed:
+                continue
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(iters):
+                fn()
+            sync()
+            times[name].append(1000 * (time.perf_counter() - t0) / iters)
+    return {name: (math.inf, failed[name]) if name in failed else (sorted(ms)[len(ms) // 2], "")
+            for name, ms in times.items()}
+
+
+def timed_fwd_bwd(fn, inputs):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+
+    def call():
+        fn(*leaves).sum().backward()
+        for t in leaves:
+            t.grad = None
+    return call
+
+
+def run_shapes(args: Hyperparameters, machine, world_size: int) -> dict:
+    """The shapes the proofs and timings use: the run's largest micro-batch (T tokens) and
+    its multi-token predictions, the model's width, the padded vocabulary and NorMuon's
+    matrices per rank. Under the Triton interpreter (CPU), small ones instead."""
+    step = max(range(total_steps(args)), key=lambda s: batch_size_at(s, args))
+    shapes = dict(T=batch_size_at(step, args) // VIRTUAL_RANKS, K=len(mtp_weights(step, args)), d=args.model_dim,
+                  V=next_multiple_of_n(args.vocab_size, 128), per_rank=16 // world_size, heads=args.num_heads,
+                  head_dim=args.head_dim, grad_scale=1 / (VIRTUAL_RANKS // world_size))
+    if Machine.of(machine).interpret and not Machine.of(machine).cuda:
+        shapes.update(T=48, d=32, V=640, K=3, per_rank=1)
+    return shapes
+
+
+# --- resolving the plan ---------------------------------------------------------------------
+
+def start_process(machine: Machine, world_size: int, processes_here: int) -> None:
+    """This process's share of the machine, before any plan: its CPU threads (a CPU run),
+    its GPU, and the process group (NCCL between GPUs, gloo between CPU processes)."""
+    gpu = machine.device.type == "cuda"
+    if gpu:
+        torch.cuda.set_device(machine.device)
+    else:
+        torch.set_num_threads(cpu_threads_per_process(processes_here))
+    if world_size > 1:
+        dist.init_process_group("nccl" if gpu else "gloo", device_id=machine.device if gpu else None)
+
+
+def agreed(proof: Proof, rank: int, world_size: int) -> Proof:
+    """The proof as every rank sees it: failed if it failed on any rank (one all_gather)."""
+    if world_size == 1:
+        return proof
+    results = [None] * world_size
+    dist.all_gather_object(results, (proof.ok, proof.why))
+    bad = [(r, why) for r, (ok, why) in enumerate(results) if not ok]
+    if proof.ok and bad:
+        return dataclasses.replace(proof, failure=f"failed on rank {bad[0][0]}: {bad[0][1]}")
+    return proof
+
+
+def timed_on_rank0(fns: dict, plan: RunPlan, rank: int, world_size: int) -> dict:
+    """time_paths on rank 0, the same figures on every rank (so every rank chooses alike)."""
+    times = time_paths(fns, plan.sync) if rank == 0 else None
+    if world_size > 1:
+        box = [times]
+        dist.broadcast_object_list(box, src=0)
+        times = box[0]
+    return times
+
+
+def _proven(proof: Proof) -> str:
+    what, err, tol = proof.worst
+    return f"proven ({what} error {err:.1e} <= {tol:.0e})"
+
+
+def _faster(choice: str, times: dict, reference: str) -> tuple[bool, str]:
+    """Whether `choice` beats the reference by PLAN_MARGIN, and the figures."""
+    shown = ", ".join(f"{name} {ms:.3f} ms" if ms < math.inf else f"{name} failed ({why})"
+                      for name, (ms, why) in times.items())
+    fast, ref = times[choice][0], times[reference][0]
+    gain = 1 - fast / ref if ref < math.inf and fast < math.inf else -math.inf
+    verdict = "not timed" if gain == -math.inf else f"{100 * gain:.0f}% faster" if gain >= 0 else \
+        f"{-100 * gain:.0f}% slower"
+    return gain >= PLAN_MARGIN, f"{shown} (median of {PLAN_SAMPLES}): {verdict}, needs {PLAN_MARGIN:.0%}"
+
+
+class _PlanBuilder:
+    """resolve_plan's state: the plan so far, its table rows, this rank and its peers."""
+
+    def __init__(self, args, machine: Machine, rank: int, world_size: int):
+        self.args, self.m, self.rank, self.world_size = args, machine, rank, world_size
+        self.plan = base_plan(args, machine, world_size)
+        self.rows = list(self.plan.rows)
+        self.shapes = run_shapes(args, machine, world_size)
+        self.proofs, self.timings = [], []
+
+    def prove(self, path: str, check) -> Proof:
+        proof = agreed(prove(path, check, self.m), self.rank, self.world_size)
+        self.proofs.append(proof)
+        return proof
+
+    def time(self, choice: str, fns: dict) -> dict:
+        times = timed_on_rank0(fns, self.plan, self.rank, self.world_size)
+        self.timings.append((choice, times))
+        return times
+
+    def forced_failure(self, flag: str, proofs: list[Proof]) -> ConfigError:
+        return ConfigError(f"--{flag}=on: its start-up check failed: "
+                           + "; ".join(f"{p.path}: {p.why}" for p in proofs))
+
+    def attention(self) -> None:
+        requested, m = self.args.attn_backend, self.m
+        s = self.shapes
+        if requested != "auto":
+            fn, what = forced_attention_backend(requested, m)
+            if requested != "sdpa":
+                proof = self.prove(f"attention {requested}", lambda: check_attention(fn, m, s["heads"], s["head_dim"]))
+                if not proof.ok:
+                    raise ConfigError(f"--attn_backend={requested}: its start-up check against SDPA failed: {proof.why}")
+                why = f"forced; {_proven(proof)}"
+            else:
+                why = "forced (the reference)"
+            self._take_attention(requested, fn, f"{requested}{what}", why)
+            return
+        skipped = []
+        for name in ATTENTION_BACKENDS[:-1] if m.cuda else ():
+            fn, why, what = _try_backend(name, m)
+            if fn is None:
+                skipped.append(f"{name}: {why}")
+                continue
+            proof = self.prove(f"attention {name}", lambda fn=fn: check_attention(fn, m, s["heads"], s["head_dim"]))
+            if proof.ok:
+                note = f"; skipped {'; '.join(skipped)}" if skipped else ""
+                self._take_attention(name, fn, f"{name}{what}", f"auto: {_proven(proof)}{note}")
+                return
+            skipped.append(f"{name}: dropped: {proof.why}")
+        why = "auto: " + ("; ".join(skipped) if skipped else f"the reference on {m.device.type}")
+        self._take_attention("sdpa", attention_sdpa, "sdpa", why)
+
+    def _take_attention(self, name, fn, shown, why):
+        self.plan = dataclasses.replace(self.plan, attn_backend=name, attn_fn=fn)
+        self.rows.append(("attention", shown, why))
+
+    def fp8(self) -> None:
+        setting, s = self.args.fp8, self.shapes
+        ok, why = fp8_setting(setting, self.m)
+        if not ok:
+            self.rows.append(("FP8 lm_head", "off", why or f"--fp8={setting}"))
+            return
+        proof = self.prove("FP8 lm_head", lambda: check_fp8_head(min(s["T"], 8192), s["d"], s["V"], self.m.device,
+                                                                  self.plan.compile))
+        if not proof.ok:
+            if setting == "on":
+                raise self.forced_failure("fp8", [proof])
+            self.rows.append(("FP8 lm_head", "off", f"auto: dropped: {proof.why}; a bf16 linear"))
+            return
+        self.plan = dataclasses.replace(self.plan, fp8=True)
+        self.rows.append(("FP8 lm_head", "on", f"--fp8={setting}; {_proven(proof)}"))
+
+    def _fused(self, flag: str, choice: str, available: tuple) -> bool:
+        """Whether the fused path `flag` is to be proven; else its row says why not."""
+        setting, (ok, why) = getattr(self.args, flag), available
+        if setting == "off":
+            self.rows.append((choice, "off", f"--{flag}=off"))
+            return False
+        if not ok:
+            if setting == "on":
+                raise ConfigError(f"--{flag}=on: {why}")
+            self.rows.append((choice, "off", why))
+            return False
+        if setting == "auto" and not self.m.cuda:
+            self.rows.append((choice, "off", f"auto: the reference on {self.m.device.type} "
+                                             f"(tools/selfcheck.py proves the kernels under TRITON_INTERPRET=1)"))
+            return False
+        return True
+
+    def fused_loss(self) -> None:
+        available = fused_loss_available(self.args, self.m)
+        if available[0] and not self.plan.fp8:
+            available = (False, "the fused loss head is the FP8 head's, and the FP8 head is off")
+        if not self._fused("fused_loss", "fused loss head", available):
+            return
+        s, compiled = self.shapes, self.plan.compile
+        proofs = [self.prove(f"fused loss head, {path}", lambda p=path: check_loss_head(
+            p, s["T"], s["d"], s["V"], s["K"], s["grad_scale"], self.m.device, compiled)) for path in FUSED_LOSS_PATHS]
+        passed = [path for path, proof in zip(FUSED_LOSS_PATHS, proofs) if proof.ok]
+        dropped = "".join(f"; {p.path.split(', ')[1]} dropped: {p.why}" for p in proofs if not p.ok)
+        if not passed:
+            if self.args.fused_loss == "on":
+                raise self.forced_failure("fused_loss", proofs)
+            self.rows.append(("fused loss head", "off", f"auto: every fused form dropped{dropped}"))
+            return
+        if self.args.fused_loss == "on":
+            choice, why = passed[0], f"forced; {_proven(proofs[FUSED_LOSS_PATHS.index(passed[0])])}{dropped}"
+        else:
+            x, w, targets, weights = head_inputs(s["T"], s["d"], s["V"], s["K"], self.m.device)
+            forms = loss_head_forms(x, w, targets, weights, s["grad_scale"], compiled)
+            times = self.time("fused loss head", {name: timed_fwd_bwd(forms[name], (x, w))
+                                                  for name in passed + ["unfused"]})
+            del x, w, forms
+            best = min(passed, key=lambda name: times[name][0])
+            faster, shown = _faster(best, times, "unfused")
+            choice = best if faster else None
+            why = f"auto: {_proven(proofs[FUSED_LOSS_PATHS.index(best)])}; {shown}{dropped}"
+        self.plan = dataclasses.replace(self.plan, fused_loss=choice)
+        self.rows.append(("fused loss head", choice or "off", why))
+
+    def fused_mlp(self) -> None:
+        if not self._fused("fused_mlp", "fused MLP", fused_mlp_available(self.args, self.m)):
+            return
+        s, act = self.shapes, self.plan.act_dtype
+        proof = self.prove("fused MLP", lambda: check_mlp(s["T"], s["d"], self.m.device, act))
+        if not proof.ok:
+            if self.args.fused_mlp == "on":
+                raise self.forced_failure("fused_mlp", [proof])
+            self.rows.append(("fused MLP", "off", f"auto: dropped: {proof.why}"))
+            return
+        if self.args.fused_mlp == "on":
+            on, why = True, f"forced; {_proven(proof)}"
+        else:
+            inputs = mlp_inputs(s["T"], s["d"], self.m.device, act)
+            times = self.time("fused MLP", {"fused": timed_fwd_bwd(fused_mlp, inputs),
+                                            "unfused": timed_fwd_bwd(maybe_compile(unfused_mlp, self.plan.compile),
+                                                                      inputs)})
+            on, shown = _faster("fused", times, "unfused")
+            why = f"auto: {_proven(proof)}; {shown}"
+        self.plan = dataclasses.replace(self.plan, fused_mlp=on)
+        self.rows.append(("fused MLP", "on" if on else "off", why))
+
+    def sym_matmuls(self) -> None:
+        ok, why = triton_available(self.m, "Triton Polar Express")
+        if not ok or not self.m.cuda:
+            self.rows.append(("symmetric matmuls", "torch", why or f"the reference on {self.m.device.type}"))
+            return
+        s, dtype = self.shapes, self.plan.ortho_dtype
+        proof = self.prove("symmetric matmuls", lambda: check_sym(s["d"], s["per_rank"], self.m.device, dtype))
+        if not proof.ok:
+            self.rows.append(("symmetric matmuls", "torch", f"auto: triton dropped: {proof.why}"))
+            return
+        times = self.time("symmetric matmuls", {use: polar_express_step(s["d"], s["per_rank"], self.m.device, dtype,
+                                                                        use == "triton") for use in ("triton", "torch")})
+        on, shown = _faster("triton", times, "torch")
+        self.plan = dataclasses.replace(self.plan, sym_triton=on)
+        self.rows.append(("symmetric matmuls", "triton" if on else "torch", f"auto: {_proven(proof)}; {shown}"))
+
+
+def resolve_plan(args: Hyperparameters, device, rank: int = 0, world_size: int = 1, log=None, *,
+                 machine: Machine | None = None, training: bool = True) -> RunPlan:
+    """The run's plan on this machine: base_plan's choices, then every fast path proven (and
+    timed) as the section's comment says; the same plan on every rank. `log` gets the table.
+    training=False (evaluation, sampling): only the attention backend is chosen."""
+    b = _PlanBuilder(args, machine or Machine.of(device), rank, world_size)
+    steps = (b.attention, b.fp8, b.fused_loss, b.fused_mlp, b.sym_matmuls) if training else (b.attention,)
+    try:
+        for step in steps:
+            step()
+        if b.m.device.type == "cuda":  # the checks' memory is not the run's: free it, reset the peak
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(b.m.device)
+    finally:  # the table so far, also when a forced path fails (its error follows)
+        plan = dataclasses.replace(b.plan, rows=tuple(b.rows), proofs=tuple(b.proofs), timings=tuple(b.timings))
+        if log is not None:
+            log(f"start-up plan (rank {rank} of {world_size}; a fast path is taken only if proven on every rank):")
+            log(plan.table())
+    return plan
+
+
+def assumed_gpu_plan(args: Hyperparameters, world_size: int, attn_fn: Callable,
+                     machine: Machine | None = None) -> RunPlan:
+    """The plan a CUDA rank builds when every fast path that --attn_backend, --fp8,
+    --fused_loss and --fused_mlp allow is proven and faster (the fused head in one pass), on
+    `machine` (default an sm90 `meta` device): what tools/preflight.py traces, without
+    running a kernel. attn_fn stands in for the backend."""
+    m = machine or Machine.record_gpu()
+    a = args
+    plan = base_plan(a, m, world_size)
+    fp8 = a.fp8 != "off"
+    name = "fa3" if a.attn_backend == "auto" else a.attn_backend
+    rows = plan.rows + (("attention", name, "assumed proven"), ("FP8 lm_head", "on" if fp8 else "off", "assumed"),
+                        ("fused loss head", "one pass" if fp8 and a.fused_loss != "off" else "off", "assumed"),
+                        ("fused MLP", "off" if a.fused_mlp == "off" else "on", "assumed"),
+                        ("symmetric matmuls", "triton", "assumed"))
+    return dataclasses.replace(plan, attn_backend=name, attn_fn=attn_fn, fp8=fp8,
+                               fused_loss=FUSED_LOSS_PATHS[0] if fp8 and a.fused_loss != "off" else None,
+                               fused_mlp=a.fused_mlp != "off", sym_triton=True, rows=rows)
+
+
 # =====================================================================================
 # 3. Optimizers
 # =====================================================================================
@@ -1209,7 +1742,7 @@ def add_scaled_(C: Tensor, X: Tensor, alpha: float) -> Tensor:
     return C.copy_(C.float() + torch.tensor(alpha, dtype=torch.float32) * X.float())
 
 
-def polar_express(G: Tensor, split: bool = False) -> Tensor:
+def polar_express(G: Tensor, split: bool = False, use_triton: bool = False) -> Tensor:
     """Approximate polar factor U V^T of G (2-D, or batched over a leading dim), ALGORITHM.md 3.3.
 
     Works in G's dtype (the caller casts: bf16 as in the record; NorMuon's ortho_dtype may
@@ -1218,6 +1751,7 @@ def polar_express(G: Tensor, split: bool = False) -> Tensor:
     bf16 scalar for bf16). split: `X = a X + B X` as `C = B @ X; C.add_(X, alpha=a)` (the
     record's MLP matrices: one op, C + a*X rounded once) instead of one fused baddbmm (its
     attention blocks). `C += a * X` would round a*X first and move the MLP updates ~2%.
+    use_triton: A = X X^T and B = b A + c A A by the Triton kernels of 2a (RunPlan.sym_triton).
     """
     X = G if G.ndim == 3 else G.unsqueeze(0)
     tall = X.size(-2) > X.size(-1)
@@ -1229,8 +1763,8 @@ def polar_express(G: Tensor, split: bool = False) -> Tensor:
     A = X.new_empty(batch, m, m)
     B = X.new_empty(batch, m, m)
     for a, b, c in POLAR_EXPRESS_COEFFS:
-        sym_xxt(X, out=A)
-        sym_ba_plus_caa(A, b, c, out=B)
+        sym_xxt(X, out=A, use_triton=use_triton)
+        sym_ba_plus_caa(A, b, c, out=B, use_triton=use_triton)
         if split:
             X = add_scaled_(torch.bmm(B, X), X, a)
         else:
@@ -1281,13 +1815,13 @@ def muon_groups(kinds: list[str], world_size: int, packed: bool | None = None) -
     return [v + [None] * (-len(v) % world_size) for v in by_kind.values() if v]
 
 
-def orthogonalize_update(u: Tensor, attn: bool) -> Tensor:
+def orthogonalize_update(u: Tensor, attn: bool, use_triton: bool = False) -> Tensor:
     """Polar Express of a stack of updates (n, rows, cols); attention qkvo updates as four
     separate (rows/4, cols) blocks of rows (Q, K, V, O), MLP matrices with the split update."""
     if not attn:
-        return polar_express(u, split=True)
+        return polar_express(u, split=True, use_triton=use_triton)
     n, rows, cols = u.shape
-    return polar_express(u.reshape(n * 4, rows // 4, cols)).reshape(n, rows, cols)
+    return polar_express(u.reshape(n * 4, rows // 4, cols), use_triton=use_triton).reshape(n, rows, cols)
 
 
 def normuon_scale_(o: Tensor, second_moment: Tensor, beta2: float) -> Tensor:
@@ -1364,24 +1898,6 @@ def maybe_compile(fn, enabled: bool):
     return torch.compile(fn, dynamic=False, fullgraph=True) if enabled else fn
 
 
-def grad_sum_dtype(setting: str, device, world_size: int) -> torch.dtype | None:
-    """--grad_sum_dtype resolved: None = autograd's own p.grad, in each parameter's dtype.
-
-    auto: float64 on CPU, where it makes 1, 2, 4 and 8 processes bitwise identical (see
-    GradSums); on GPU p.grad with one micro-batch per rank (the record on 8 GPUs: nothing
-    to sum) and float32 with gradient accumulation.
-    """
-    if setting == "auto":
-        if torch.device(device).type == "cpu":
-            return torch.float64
-        return None if VIRTUAL_RANKS // world_size == 1 else torch.float32
-    if setting == "param":
-        return None
-    if setting in ("float32", "float64"):
-        return getattr(torch, setting)
-    raise ValueError(f"--grad_sum_dtype={setting}: expected one of {', '.join(GRAD_SUM_DTYPES)}")
-
-
 class GradSums:
     """Each parameter's gradient summed over this rank's micro-batches, as the optimizers read it.
 
@@ -1395,10 +1911,12 @@ class GradSums:
     (fp32) gradients are exact unless their magnitudes spread over more than about 2^41
     (2^25), so every split, i.e. any world size, gives the same bits.
     The hooks are registered at construction, so they run before hooks registered later
-    (DistAdam's sync hooks read the finished sum).
+    (DistAdam's sync hooks read the finished sum). cast_first (the CPU plan): each gradient is
+    cast into a scratch buffer before the add, as a mixed-dtype add_ is not vectorized there
+    (~4x slower); the sum is the same.
     """
 
-    def __init__(self, params: list[Tensor], dtype: torch.dtype | None = None):
+    def __init__(self, params: list[Tensor], dtype: torch.dtype | None = None, cast_first: bool = False):
         self.dtype = dtype
         self.buffers: dict[Tensor, Tensor] = {}
         self.filled: dict[Tensor, bool] = {}
@@ -1409,9 +1927,8 @@ class GradSums:
                 self.buffers[p] = torch.zeros(p.shape, dtype=dtype, device=p.device)
                 self.filled[p] = False
                 p.register_post_accumulate_grad_hook(self._add)
-        # on CPU a mixed-dtype add_ is not vectorized: a cast copy, then the add, is ~4x faster
-        cpu = [b for b in self.buffers.values() if b.device.type == "cpu"]
-        self.scratch = torch.empty(max(b.numel() for b in cpu), dtype=dtype) if cpu else None
+        sizes = [b.numel() for b in self.buffers.values()]
+        self.scratch = torch.empty(max(sizes), dtype=dtype) if cast_first and sizes else None
 
     def _add(self, p: Tensor) -> None:
         buf = self.buffers[p]
@@ -1462,24 +1979,25 @@ class NorMuon:
     """NorMuon (ALGORITHM.md 3.1-3.7) for equally-shaped 2-D matrices, each rank updating its chunk.
     The (scheduled) lr and momentum are given to each step.
 
-    ortho_dtype: dtype of the Polar Express work (default bf16 on CUDA, fp32 elsewhere).
+    ortho_dtype: dtype of the Polar Express work (RunPlan.ortho_dtype: bf16 on a GPU as in the
+    record, fp32 on the CPU); sym_triton: its symmetric matmuls by the Triton kernels (2a).
     compile: run the elementwise work after Polar Express (normuon_apply_) compiled.
     """
 
     def __init__(self, params: list[Tensor], labels: list[str], weight_decay: float, beta2: float,
                  rank: int = 0, world_size: int = 1, packed: bool | None = None,
-                 ortho_dtype: torch.dtype | None = None, grads: GradSums | None = None,
-                 compile: bool = False):
+                 ortho_dtype: torch.dtype = torch.float32, grads: GradSums | None = None,
+                 compile: bool = False, sym_triton: bool = False):
         self.params, self.labels = list(params), list(labels)
         self._apply = maybe_compile(normuon_apply_, compile)
         self.grads = grads or GradSums([])
         self.weight_decay, self.beta2 = weight_decay, beta2
+        self.ortho_dtype, self.sym_triton = ortho_dtype, sym_triton
         self.rank, self.world_size = rank, world_size
         self.groups: list[_MuonGroup] = []
         if not self.params:
             return
         device = self.params[0].device
-        self.ortho_dtype = ortho_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         kinds = ["attn" if label == "attn" else "mlp" for label in self.labels]
         for members in muon_groups(kinds, world_size, packed):
             real = [self.params[i] for i in members if i is not None]
@@ -1564,7 +2082,7 @@ class NorMuon:
         u = grad.float()  # a fresh copy for bf16 grads; for fp32 the (private) stack or chunk itself
         g.momentum.lerp_(u, 1 - mu)
         u.lerp_(g.momentum, mu)  # Nesterov: u = lerp(g, m, mu)
-        o = orthogonalize_update(u.to(self.ortho_dtype), g.attn)
+        o = orthogonalize_update(u.to(self.ortho_dtype), g.attn, self.sym_triton)
         units = g.second_moment.size(1)
         p = torch.stack([self.params[i] for i in g.mine])
         return self._apply(o.view(n, units, rows // units, cols), g.second_moment, p, g.mantissa, g.shape_f,
@@ -1714,7 +2232,9 @@ class Optimizers:
     """
 
     def __init__(self, model: nn.Module, args: Hyperparameters, rank: int, world_size: int,
-                 *, muon_packed: bool | None = None, compile: bool = False):
+                 *, muon_packed: bool | None = None, plan: RunPlan | None = None):
+        """plan: the run's machine choices (gradient-sum dtype, Polar Express dtype and kernels,
+        compile); default the reference plan of the parameters' device (base_plan)."""
         self.args, self.rank, self.world_size = args, rank, world_size
         muon, adam = ([], []), ([], [])
         for name, p in model.named_parameters():
@@ -1731,13 +2251,13 @@ class Optimizers:
             dest[0].append(p)
             dest[1].append(label)
         params = muon[0] + adam[0]
-        sum_dtype = grad_sum_dtype(args.grad_sum_dtype, params[0].device, world_size)
-        self.grads = GradSums(params, sum_dtype)  # its hooks must run before DistAdam's
+        plan = plan or base_plan(args, Machine.of(params[0].device), world_size)
+        self.grads = GradSums(params, plan.grad_sum_dtype, cast_first=plan.cpu)  # its hooks must run before DistAdam's
         self.muon = NorMuon(*muon, weight_decay=args.muon_weight_decay, beta2=args.muon_beta2,
                             rank=rank, world_size=world_size, packed=muon_packed, grads=self.grads,
-                            compile=compile)
+                            compile=plan.compile, ortho_dtype=plan.ortho_dtype, sym_triton=plan.sym_triton)
         self.adam = DistAdam(*adam, eps=args.adam_eps, weight_decay=args.adam_weight_decay,
-                             rank=rank, world_size=world_size, grads=self.grads, compile=compile)
+                             rank=rank, world_size=world_size, grads=self.grads, compile=plan.compile)
 
     @property
     def params(self) -> list[Tensor]:
@@ -2076,13 +2596,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, fused: bool = False):
         super().__init__()
         self.dim = dim
         self.c_fc = nn.Parameter(torch.empty(4 * dim, dim, dtype=torch.bfloat16))
         self.c_proj = nn.Parameter(torch.empty(4 * dim, dim, dtype=torch.bfloat16))
         self.c_fc.label, self.c_proj.label = "mlp_fc", "mlp_proj"
-        self.fused = False  # fused_mlp instead of unfused_mlp (chosen at start-up)
+        self.fused = fused  # fused_mlp instead of unfused_mlp (RunPlan.fused_mlp)
 
     def reset_parameters(self):
         bound = math.sqrt(3) * 0.5 * self.dim ** -0.5
@@ -2097,13 +2617,13 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One layer: x + attn(norm(x)) (when LAYERS gives it attention), then x + mlp(norm(x))."""
 
-    def __init__(self, layer: int, args: Hyperparameters):
+    def __init__(self, layer: int, args: Hyperparameters, fused_mlp: bool = False):
         super().__init__()
         self.layer = layer
         spec = LAYERS[layer]
         self.attn = Attention(args.model_dim, args.num_heads, args.head_dim, paired=spec.attention == "paired",
                               key_offset=spec.window == "long") if spec.attention else None
-        self.mlp = MLP(args.model_dim)
+        self.mlp = MLP(args.model_dim, fused_mlp)
 
     def forward(self, x: Tensor, attn_inputs: AttentionInputs | None) -> Tensor:
         if self.attn is not None:
@@ -2113,9 +2633,10 @@ class Block(nn.Module):
 
 class GPT(nn.Module):
     """The 11-layer speedrun GPT. forward() returns the summed multi-token-prediction loss
-    in training mode and the mean cross-entropy in eval mode."""
+    in training mode and the mean cross-entropy in eval mode. `plan` (RunPlan) says which
+    kernels and dtypes it runs; it is fixed for the model's life."""
 
-    def __init__(self, args: Hyperparameters, max_positions: int):
+    def __init__(self, args: Hyperparameters, max_positions: int, plan: RunPlan | None = None):
         super().__init__()
         if args.num_layers != len(LAYERS):
             raise ValueError(f"num_layers={args.num_layers}: the layer-specific layout needs 11")
@@ -2123,13 +2644,14 @@ class GPT(nn.Module):
             raise ValueError(f"need an even num_heads and model_dim == num_heads * head_dim, got "
                              f"{args.num_heads} x {args.head_dim} vs {args.model_dim}")
         self.args = args
+        self.plan = plan or RunPlan(torch.device("cpu"))
         V, d, H = next_multiple_of_n(args.vocab_size, 128), args.model_dim, args.num_heads
         self.padded_vocab = V
         bf16 = torch.bfloat16
         self.lm_head = nn.Parameter(torch.empty(V, d, dtype=bf16))
         self.embed = nn.Parameter(torch.empty(V, d, dtype=bf16))  # used from the split on
         self.value_embeds = nn.ParameterList([nn.Parameter(torch.empty(V, d, dtype=bf16)) for _ in range(3)])
-        self.blocks = nn.ModuleList([Block(i, args) for i in range(args.num_layers)])
+        self.blocks = nn.ModuleList([Block(i, args, self.plan.fused_mlp) for i in range(args.num_layers)])
         self.attn_gate_bank = nn.Parameter(torch.empty(len(ATTN_LAYERS), H, GATE_DIM, dtype=bf16))
         self.ve_gate_bank = nn.Parameter(torch.empty(len(VE_LAYERS), H, GATE_DIM, dtype=bf16))
         self.smear_gate = nn.Parameter(torch.empty(1, GATE_DIM, dtype=bf16))
@@ -2142,11 +2664,8 @@ class GPT(nn.Module):
         for p in self.value_embeds:
             p.label = "value_embed"
         self.rotary = YaRNRotary(args.head_dim, max_positions, args.block_size)
-        self.attn_fn = attention_sdpa  # replaced by build_model's backend choice
-        self.use_fp8 = False
-        self.fused_loss = None  # or the FP8 head through fused_loss_head: a FUSED_LOSS_PATHS name
-        self.loss_grad_scale = 1.0  # the gradient the trainer's backward gives the loss
-        self.act_dtype = torch.bfloat16  # build_model uses float32 on CPU
+        # the gradient the trainer's backward gives the loss: (loss / grad_accum).backward()
+        self.loss_grad_scale = 1 / self.plan.grad_accum
         self.split_done = False  # embed split off from lm_head yet?
         self.windows = windows_at(0, args)  # (short, long) in blocks, set by the schedule
 
@@ -2172,10 +2691,6 @@ class GPT(nn.Module):
     def scalar_views(self) -> Scalars:
         return Scalars(self.scalars)
 
-    def set_fused_mlp(self, on: bool):
-        for block in self.blocks:
-            block.mlp.fused = on
-
     def reset_schedule_state(self):
         """Back to the state of step 0: embed not split, first windows, initial YaRN."""
         self.split_done = False
@@ -2198,12 +2713,13 @@ class GPT(nn.Module):
     def forward(self, input_seq: Tensor, target_seq: Tensor, cu_seqlens: Tensor, max_seqlen: int,
                 mtp_weights: Tensor | None = None) -> Tensor:
         x = self.hidden(input_seq, cu_seqlens, max_seqlen)
+        plan = self.plan
         if self.training:
-            if self.fused_loss:
+            if plan.fused_loss:
                 return fused_loss_head(x, self.lm_head, target_seq, mtp_weights, self.loss_grad_scale,
-                                       one_pass=self.fused_loss == "one pass")
-            if self.use_fp8:
-                logits = fp8_mm(x, self.lm_head, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE)[0]
+                                       one_pass=plan.fused_loss == "one pass", compiled=plan.compile)
+            if plan.fp8:
+                logits = fp8_mm(x, self.lm_head, FP8_X_SCALE, FP8_W_SCALE, FP8_GRAD_SCALE, plan.compile)[0]
             else:
                 logits = F.linear(x, self.lm_head.type_as(x))
             return training_loss(logits, target_seq, mtp_weights)
@@ -2226,8 +2742,8 @@ class GPT(nn.Module):
         window = dict(short=self.windows[0] * bs, long=self.windows[1] * bs)
 
         # activations in bf16 on GPU; in fp32 on CPU, where bf16 matmuls are ~10x slower
-        # (.to / .type_as are no-ops when the dtype already matches)
-        act = self.act_dtype
+        # (RunPlan.act_dtype; .to / .type_as are no-ops when the dtype already matches)
+        act = self.plan.act_dtype
         x = F.embedding(input_seq, self.embed if self.split_done else self.lm_head).to(act)
         ves = [F.embedding(input_seq, table).to(act) for table in self.value_embeds]
         # smear: mix a gated fraction of the previous token's embedding into each token
@@ -2249,7 +2765,7 @@ class GPT(nn.Module):
             if layer.attention:
                 has_ve = layer.value_embed is not None
                 attn_inputs = AttentionInputs(
-                    cu_seqlens, max_seqlen, window[layer.window], self.rotary, self.attn_fn, sa_lambda[i],
+                    cu_seqlens, max_seqlen, window[layer.window], self.rotary, self.plan.attn_fn, sa_lambda[i],
                     self.attn_gate_bank[ATTN_LAYERS.index(i)], ves[layer.value_embed] if has_ve else None,
                     self.ve_gate_bank[VE_LAYERS.index(i)] if has_ve else None)
             x = block(x, attn_inputs)
@@ -2332,26 +2848,15 @@ def rotary_positions(args: Hyperparameters) -> int:
     return 2 * longest
 
 
-def build_model(args: Hyperparameters, device, attn_backend: str | None = None, fp8: str | None = None,
-                log=None) -> GPT:
-    """Builds and initializes the model on `device` (meta too: no allocation, no init).
-    Chooses the attention backend and the FP8 head once; `log` receives one line each."""
-    device = torch.device(device)
-    with torch.device(device):
-        model = GPT(args, rotary_positions(args))
-    if device.type != "meta":
+def build_model(args: Hyperparameters, plan) -> GPT:
+    """Builds and initializes the model for `plan` (a RunPlan; a device means that device's
+    reference plan, base_plan). On `meta`: no allocation, no initialization."""
+    if not isinstance(plan, RunPlan):
+        plan = base_plan(args, Machine.of(plan))
+    with torch.device(plan.device):
+        model = GPT(args, rotary_positions(args), plan)
+    if not plan.meta:
         model.reset_parameters()
-    log = log or (lambda msg: None)
-    name, fn, msg = select_attention_backend(attn_backend or args.attn_backend, device) \
-        if device.type != "meta" else ("sdpa", attention_sdpa, "")
-    model.attn_fn, model.attn_backend = fn, name
-    model.act_dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    if msg:
-        log(msg)
-    if device.type != "meta":
-        model.use_fp8, msg = fp8_setting(fp8 or args.fp8, device)
-        if msg:
-            log(msg if model.use_fp8 else f"{msg}; using a {str(model.act_dtype).removeprefix('torch.')} linear")
     return model
 
 
@@ -2812,7 +3317,7 @@ def _check_writable_dir(folder: Path, what: str) -> None:
         raise ConfigError(f"{what}: cannot write in {folder} ({e.strerror})") from None
 
 
-def check_inputs(args: Hyperparameters, world_size: int, rank: int, device: torch.device) -> str:
+def check_inputs(args: Hyperparameters, world_size: int, rank: int, device) -> str:
     """Everything about a run's inputs that can be known before compiling or warming up, on
     every rank: the attention backend and FP8 choices, the header of every train and val
     shard, the tokens the schedule needs against those the shards hold, and (rank 0) the log
@@ -2995,17 +3500,18 @@ def restore_model_state(model: GPT, state: dict) -> None:
     model.rotary.set_state(state["rotary_freqs"], state["attn_scale"])
 
 
-def load_model(path, device="cpu", attn_backend: str = "auto") -> GPT:
-    """A model saved by save_model (--save_model) or a checkpoint, ready to evaluate on `device`."""
+def load_model(path, device="cpu", attn_backend: str = "auto", log=None) -> GPT:
+    """A model saved by save_model (--save_model) or a checkpoint, ready to evaluate on
+    `device` (its plan chooses and proves only the attention backend; `log` gets the table)."""
     state = read_model_file(path)
-    args = Hyperparameters(**state["args"])
-    model = build_model(args, device, attn_backend=attn_backend, fp8="off")
+    args = dataclasses.replace(Hyperparameters(**state["args"]), attn_backend=attn_backend, compile="off")
+    model = build_model(args, resolve_plan(args, device, log=log, training=False))
     restore_model_state(model, state)
     return model
 
 
 def write_checkpoint(folder: Path, run_id: str, step: int, train_ms: float, model: GPT, opt: Optimizers,
-                     data_position: tuple, rank: int, world_size: int, device: torch.device) -> Path | None:
+                     data_position: tuple, rank: int, world_size: int, plan: RunPlan) -> Path | None:
     """Writes folder/<run_id>.stepNNNNNN.pt on every rank's behalf (rank 0 writes; returns
     its path, None on other ranks): the model, every rank's optimizer state and pending
     gradients, the step, the data position, the train time and the RNG; keeps the last two.
@@ -3028,7 +3534,7 @@ def write_checkpoint(folder: Path, run_id: str, step: int, train_ms: float, mode
         ranks = [mine]
     state = dict(format=CHECKPOINT_FORMAT, **_model_state(model), step=step, train_ms=train_ms,
                  world_size=world_size, data=data_position, ranks=ranks, rng=torch.get_rng_state(),
-                 cuda_rng=torch.cuda.get_rng_state_all() if device.type == "cuda" else None)
+                 cuda_rng=torch.cuda.get_rng_state_all() if plan.cuda else None)
     path = folder / f"{run_id}.step{step:06d}.pt"
     _save_atomically(state, path)
     for old in sorted(folder.glob(f"{glob.escape(run_id)}.step*.pt"))[:-2]:
@@ -3036,7 +3542,7 @@ def write_checkpoint(folder: Path, run_id: str, step: int, train_ms: float, mode
     return path
 
 
-def restore_checkpoint(state: dict, model: GPT, opt: Optimizers, rank: int, device: torch.device) -> tuple:
+def restore_checkpoint(state: dict, model: GPT, opt: Optimizers, rank: int, plan: RunPlan) -> tuple:
     """Restores a checkpoint (after the warm-up, which resets to the initial state);
     returns (step, train_ms, data position)."""
     restore_model_state(model, state)
@@ -3044,7 +3550,7 @@ def restore_checkpoint(state: dict, model: GPT, opt: Optimizers, rank: int, devi
     opt.load_state_dict(mine["opt"])
     opt.set_pending_grads(mine["grads"])
     torch.set_rng_state(state["rng"])
-    if state.get("cuda_rng") is not None and device.type == "cuda":
+    if state.get("cuda_rng") is not None and plan.cuda:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state["step"], state["train_ms"], state["data"]
 
@@ -3146,49 +3652,27 @@ class TrainClock:
         self.t0 = time.perf_counter()
 
 
-def use_compile(args: Hyperparameters, device: torch.device) -> bool:
-    """--compile: auto compiles on CUDA."""
-    return args.compile == "on" or (args.compile == "auto" and device.type == "cuda")
-
-
-def choose_fused_kernels(model: GPT, args: Hyperparameters, rank: int, world_size: int, device, log) -> None:
-    """--fused_loss and --fused_mlp: each fused path (kernels 2d, 2e) where it is faster than
-    the unfused one at the run's largest micro-batch, timed before the clock starts."""
-    step = max(range(total_steps(args)), key=lambda s: batch_size_at(s, args))
-    T = batch_size_at(step, args) // VIRTUAL_RANKS
-    K = len(mtp_weights(step, args))
-    model.fused_loss = choose_fused_path(
-        "fused_loss", args.fused_loss, fused_loss_available(args, device),
-        lambda: time_loss_heads(T, args.model_dim, model.padded_vocab, K, model.loss_grad_scale, device),
-        rank, world_size, device, log, paths=FUSED_LOSS_PATHS)
-    model.set_fused_mlp(choose_fused_path(
-        "fused_mlp", args.fused_mlp, fused_mlp_available(args, device),
-        lambda: time_mlps(T, args.model_dim, device), rank, world_size, device, log) is not None)
-
-
 class Trainer:
     """One run: the model, its compiled form, the optimizers and the training stream; the
     steps, the warm-up and the timed loop."""
 
-    def __init__(self, args: Hyperparameters, rank: int, world_size: int, device: torch.device, log: Logger):
-        self.args, self.rank, self.world_size, self.device, self.log = args, rank, world_size, device, log
-        self.grad_accum = VIRTUAL_RANKS // world_size
+    def __init__(self, args: Hyperparameters, rank: int, world_size: int, plan, log: Logger):
+        """plan: the run's RunPlan, or a device, for which resolve_plan makes it here (proving
+        and timing its fast paths, and logging its table)."""
+        if not isinstance(plan, RunPlan):
+            plan = resolve_plan(args, plan, rank, world_size, log)
+        self.args, self.rank, self.world_size, self.log = args, rank, world_size, log
+        self.plan, self.device = plan, plan.device
+        self.grad_accum = plan.grad_accum
         torch.manual_seed(args.seed)
-        self.model = build_model(args, device, log=log)
-        self.model.loss_grad_scale = 1 / self.grad_accum  # train_step's (loss / grad_accum).backward()
-        choose_fused_kernels(self.model, args, rank, world_size, device, log)
+        self.model = build_model(args, plan)
         if world_size > 1:  # every rank starts from rank 0's initialization
             for p in self.model.parameters():
                 dist.broadcast(p.detach(), 0)
-        compiled = use_compile(args, device)
-        if compiled:
+        if plan.compile:
             torch._dynamo.config.cache_size_limit = 64
-        self.forward = torch.compile(self.model, dynamic=False, fullgraph=True) if compiled else self.model
-        log(f"torch.compile: {'on' if compiled else 'off'}")
-        self.opt = Optimizers(self.model, args, rank, world_size, compile=compiled)
-        sum_dtype = self.opt.grads.dtype
-        log(f"gradient sums over micro-batches: {str(sum_dtype).removeprefix('torch.') if sum_dtype else 'p.grad'} "
-            f"(--grad_sum_dtype={args.grad_sum_dtype})")
+        self.forward = torch.compile(self.model, dynamic=False, fullgraph=True) if plan.compile else self.model
+        self.opt = Optimizers(self.model, args, rank, world_size, plan=plan)
         self.split = split_step(args)
         self.batches: TrainBatches | None = None
         self.step = None  # the step being run (for the interrupt message)
@@ -3206,7 +3690,9 @@ class Trainer:
         return self.batches.at(batch_size)
 
     # --- one optimization step ---
-    def train_step(self, step: int) -> Tensor:
+    def train_step(self, step: int, around_optimizer=contextlib.nullcontext) -> Tensor:
+        """One optimization step; around_optimizer(): a context entered around the optimizer
+        step (tools/preflight.py counts its operations there)."""
         args = self.args
         self.model.set_windows(*windows_at(step, args))
         # through pinned memory: a plain torch.tensor(..., device=cuda) would wait for the GPU
@@ -3220,7 +3706,8 @@ class Trainer:
             loss = self.forward(inputs, targets, cu_seqlens, args.train_max_seq_len, weights)
             (loss / self.grad_accum).backward()
             total += loss.detach()
-        self.opt.step(lr_multiplier(step, args), muon_momentum(step, args), adam_step)
+        with around_optimizer():
+            self.opt.step(lr_multiplier(step, args), muon_momentum(step, args), adam_step)
         if step == self.split:
             self.model.split_embed()
             self.opt.split_embed()
@@ -3231,8 +3718,7 @@ class Trainer:
         return evaluate(self.forward, self.model, self.args, self.rank, self.world_size, self.device, max_steps)
 
     def sync(self):
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
+        self.plan.sync()
 
     # --- warm-up and exact reset ---
     def warmup(self):
@@ -3262,7 +3748,7 @@ class Trainer:
     # --- checkpoints (files section: write_checkpoint, restore_checkpoint) ---
     def checkpoint(self, step: int, train_ms: float, run_id: str) -> Path | None:
         path = write_checkpoint(Path(self.args.log_dir), run_id, step, train_ms, self.model, self.opt,
-                                self.batches.position(), self.rank, self.world_size, self.device)
+                                self.batches.position(), self.rank, self.world_size, self.plan)
         if path is not None:
             self.last_checkpoint = path
         return path
@@ -3277,7 +3763,7 @@ def train(t: Trainer, run_id: str = "run", resume: dict | None = None) -> float 
     """Steps from the start (or the checkpoint `resume`) to the end with validations
     and checkpoints in between; returns the final validation loss."""
     args, log, N = t.args, t.log, total_steps(t.args)
-    first, train_ms, position = (restore_checkpoint(resume, t.model, t.opt, t.rank, t.device)
+    first, train_ms, position = (restore_checkpoint(resume, t.model, t.opt, t.rank, t.plan)
                                  if resume else (0, 0.0, None))
     if resume:
         log(f"resumed from {args.resume} at step {first}")
@@ -3324,11 +3810,11 @@ def _validate_and_log(t: Trainer, step: int, train_ms: float) -> float:
 
 
 def _log_step(t: Trainer, done: int, loss: Tensor, elapsed_ms: float) -> bool:
-    """The line of step `done`; its loss only every 25 steps on a GPU (reading it waits
-    for the GPU), every step on the CPU. Returns whether the loss was read."""
+    """The line of step `done`; its loss every RunPlan.loss_every steps (on a GPU 25: reading
+    it waits for the GPU; on the CPU 1). Returns whether the loss was read."""
     N = total_steps(t.args)
     shown = ""
-    read = done % (1 if t.device.type == "cpu" else 25) == 0 or done == N
+    read = done % t.plan.loss_every == 0 or done == N
     if read:
         if t.world_size > 1:
             dist.all_reduce(loss, op=dist.ReduceOp.AVG)
@@ -3348,9 +3834,9 @@ def _stop_requested(t: Trainer, checked: bool) -> bool:
     been waited for anyway), so that other steps need no sync."""
     if t.world_size == 1:
         return _STOP["requested"]
-    if t.device.type == "cuda" and not checked:
+    if t.plan.loss_every > 1 and not checked:
         return False
-    flag = torch.tensor(float(_STOP["requested"]), device=t.device if t.device.type == "cuda" else "cpu")
+    flag = torch.tensor(float(_STOP["requested"]), device=t.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return bool(flag.item())
 
@@ -3403,17 +3889,11 @@ def main(argv=None):
     try:
         args = parse_args(argv)
         check_config(args, world_size)
-        device = resolve_device(args.device, local_rank)
-        data_summary = check_inputs(args, world_size, rank, device)  # before any process group or log
+        machine = Machine.of(resolve_device(args.device, local_rank))
+        device = machine.device
+        data_summary = check_inputs(args, world_size, rank, machine)  # before any process group or log
         resume = check_resume(args, world_size) if args.resume else None
-        if device.type == "cpu":
-            threads = cpu_threads_per_process(int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
-            torch.set_num_threads(threads)
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        if world_size > 1:
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend, device_id=device if device.type == "cuda" else None)
+        start_process(machine, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         import uuid
         run_id = args.run_id or str(uuid.uuid4())
         log = Logger(Path(args.log_dir) / f"{run_id}.txt" if rank == 0 else None)
@@ -3422,11 +3902,12 @@ def main(argv=None):
         log(environment_report(), console=False)
         log("=" * 100, console=False)
         log(f"run {run_id}: {world_size} process(es) x {VIRTUAL_RANKS // world_size} micro-batches on {device}"
-            + (f" ({torch.get_num_threads()} thread(s) each)" if device.type == "cpu" else "") + f"; log file {log.path}")
+            + ("" if machine.cuda else f" ({torch.get_num_threads()} thread(s) each)") + f"; log file {log.path}")
         log("config: " + " ".join(f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                                   for k, v in dataclasses.asdict(args).items()), console=False)
         log(data_summary)
-        trainer = Trainer(args, rank, world_size, device, log)
+        trainer = Trainer(args, rank, world_size, resolve_plan(args, device, rank, world_size, log, machine=machine),
+                          log)
         if world_size > 1:
             watch_stop_signals(lambda signame: _hard_stop(log, (
                 f"error: stopped by {signame}{_at_step(trainer)}, still waiting for another process "
@@ -3438,7 +3919,7 @@ def main(argv=None):
         if args.save_model and rank == 0:
             save_model(trainer.model, args.save_model)
             log(f"saved the model to {args.save_model}")
-        if device.type == "cuda":
+        if machine.cuda:
             log(f"peak memory allocated: {torch.cuda.max_memory_allocated() // 2**20} MiB "
                 f"reserved: {torch.cuda.max_memory_reserved() // 2**20} MiB")
         else:

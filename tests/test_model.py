@@ -4,6 +4,7 @@ Every check compares the code against an independent reference written here: Pyt
 loops, explicit masks and float64 formulas taken from ALGORITHM.md, never the code's own
 output. CPU only except the tests marked for CUDA; the tiny preset keeps it light.
 """
+import dataclasses
 import math
 import time
 from contextlib import contextmanager
@@ -47,9 +48,15 @@ def tiny_args(**overrides):
     return tg.Hyperparameters(**kw)
 
 
-def tiny_model(seed=0, **overrides):
+def tiny_plan(**choices):
+    """The CPU reference plan (SDPA, float32 activations, no fused path) with `choices` changed."""
+    return dataclasses.replace(tg.RunPlan(torch.device("cpu")), **choices)
+
+
+def tiny_model(seed=0, plan=None, **overrides):
+    """A tiny-preset model on the CPU; plan: RunPlan fields to change (e.g. attn_fn)."""
     torch.manual_seed(seed)
-    return tg.build_model(tiny_args(**overrides), "cpu", attn_backend="sdpa", fp8="off")
+    return tg.build_model(tiny_args(**overrides), tiny_plan(**(plan or {})))
 
 
 def scalars(model):
@@ -106,6 +113,14 @@ def cu_tensor(cu):
 
 def max_len(cu):
     return max(b - a for a, b in zip(cu[:-1], cu[1:]))
+
+
+def with_attention(model, fn):
+    """The same model (weights, windows, YaRN state), built with `fn` as its plan's attention
+    backend (a plan is fixed for a model's life)."""
+    twin = tg.build_model(model.args, dataclasses.replace(model.plan, attn_fn=fn))
+    tg.restore_model_state(twin, tg._model_state(model))
+    return twin
 
 
 class AttnRecorder:
@@ -520,7 +535,7 @@ def backend_fn(name, device):
     if name == "flex" and device.type == "cpu":
         return tg.attention_flex  # forward only on CPU: called directly
     try:
-        _, fn, _ = tg.select_attention_backend(name, device)
+        fn, _ = tg.forced_attention_backend(name, device)
     except tg.ConfigError as e:
         pytest.skip(str(e))
     return fn
@@ -586,12 +601,12 @@ def test_document_ids_and_backend_selection():
         exp = ref_doc_ids(cu, 48)
         # same partition into documents (ids may differ only for empty documents)
         assert all((got[i] == got[j]) == (exp[i] == exp[j]) for i in range(48) for j in range(48))
-    name, fn, _ = tg.select_attention_backend("auto", "cpu")
-    assert name == "sdpa" and fn is tg.attention_sdpa
+    plan = tg.resolve_plan(tiny_args(), "cpu", training=False)
+    assert plan.attn_backend == "sdpa" and plan.attn_fn is tg.attention_sdpa
     with pytest.raises(tg.ConfigError, match="--attn_backend=flex"):
-        tg.select_attention_backend("flex", "cpu")  # no backward on CPU
+        tg.resolve_plan(tiny_args(attn_backend="flex"), "cpu", training=False)  # no backward on CPU
     with pytest.raises(ValueError):
-        tg.select_attention_backend("nonsense", "cpu")
+        tg.forced_attention_backend("nonsense", "cpu")
 
 
 class StandInKernels:
@@ -638,21 +653,36 @@ def test_fa3_from_another_repository_is_trusted_explicitly_and_says_so(kernels_h
 
 def test_fa3_that_cannot_load_falls_back_with_a_one_line_reason(kernels_hub, monkeypatch):
     """On a (pretended) Hopper GPU, a hub that refuses: auto falls back to the next backend
-    and its log line names the FA3 build it tried and why it failed, on one line."""
+    (proven against SDPA first) and its table row names the FA3 build it tried and why it
+    failed, on one line. A hub build that loads but computes wrong values is dropped too."""
     kernels_hub(fail="Repository not in the allow-list\npass trust_remote_code=True")
-    monkeypatch.setattr(tg, "_gpu_major", lambda device: 9)
+    hopper = tg.Machine(torch.device("cpu"), cuda=True, capability=(9, 0), triton=True)
+    # stand-ins that compute what the GPU kernels compute (varlen_attn has no CPU kernel)
+    monkeypatch.setattr(tg, "attention_varlen", lambda *a: tg.attention_sdpa(*a))
+    monkeypatch.setattr(tg, "_make_fa3_attention", lambda fa3: lambda *a: tg.attention_sdpa(*a))
     fa3, why = tg.load_fa3()
     assert fa3 is None and "\n" not in why
     assert why == ("cannot load kernels-community/flash-attn3, version=1 from the kernel hub "
                    "(ValueError: Repository not in the allow-list)")
-    name, fn, msg = tg.select_attention_backend("auto", "cpu")
-    assert name == "varlen" and fn is tg.attention_varlen
-    assert msg == f"attention backend: varlen (fallback; skipped fa3: {why})"
+
+    def attention_row(**flags):
+        plan = tg.resolve_plan(tiny_args(**flags), "cpu", machine=hopper, training=False)
+        return plan.attn_backend, dict((c, (v, w)) for c, v, w in plan.rows)["attention"]
+
+    name, (shown, note) = attention_row()
+    assert name == "varlen" and shown == "varlen" and "\n" not in note
+    assert note.startswith("auto: proven (") and note.endswith(f"; skipped fa3: {why}")
     with pytest.raises(tg.ConfigError, match="--attn_backend=fa3 cannot run here: cannot load kernels-community"):
-        tg.select_attention_backend("fa3", "cpu")
+        attention_row(attn_backend="fa3")
     kernels_hub()
-    name, _, msg = tg.select_attention_backend("auto", "cpu")
-    assert name == "fa3" and msg == "attention backend: fa3 (kernels-community/flash-attn3, version=1)"
+    name, (shown, note) = attention_row()
+    assert name == "fa3" and shown == "fa3 (kernels-community/flash-attn3, version=1)" and note.startswith("auto: proven")
+    # a build that runs but returns wrong values: dropped with its error, the next one taken
+    monkeypatch.setattr(tg, "_make_fa3_attention", lambda fa3: lambda *a: 1.1 * tg.attention_sdpa(*a))
+    name, (shown, note) = attention_row()
+    assert name == "varlen" and "fa3: dropped: out error 1.0e-01 > tolerance 2e-02" in note
+    with pytest.raises(tg.ConfigError, match="--attn_backend=fa3: its start-up check against SDPA failed: out error"):
+        attention_row(attn_backend="fa3")
     monkeypatch.setitem(__import__("sys").modules, "kernels", None)  # not installed
     assert tg.load_fa3() == (None, "the kernels package is not installed (pip install 'kernels>=0.14,<1')")
 
@@ -670,7 +700,7 @@ def test_partial_key_offset_long_layers_only():
     cu = [0, 20, 21, 48, 48]
     inp, tgt = random_tokens(T, seed=5)
     rec = AttnRecorder()
-    model.attn_fn = rec
+    model = with_attention(model, rec)
     with module_io(model) as (inputs, _):
         eval_loss(model, inp, tgt, cu)
     assert len(rec.calls) == len(ATTN_LAYERS)
@@ -900,7 +930,7 @@ def test_set_windows_updates_yarn_on_the_model():
     check_rotary_state(model.rotary, freqs32, freqs64, scale, P)
     # the forward pass uses the windows and the YaRN scale
     rec = AttnRecorder()
-    model.attn_fn = rec
+    model = with_attention(model, rec)
     T, cu = 64, [0, 64]
     eval_loss(model, *random_tokens(T, 14), cu)
     for call, layer in zip(rec.calls, ATTN_LAYERS):
@@ -1055,7 +1085,7 @@ def test_output_gate_per_layer_mapping():
     T, cu = 32, [0, 12, 32]
     inp, tgt = random_tokens(T, seed=62)
     rec = AttnRecorder()
-    model.attn_fn = rec
+    model = with_attention(model, rec)
     with module_io(model) as (inputs, outputs):
         eval_loss(model, inp, tgt, cu)
     sa = scalars(model)["sa"]
@@ -1110,9 +1140,9 @@ def test_value_embeddings_on_the_right_layers():
 
     def run():
         rec = AttnRecorder()
-        model.attn_fn = rec
-        with module_io(model) as (inputs, _):
-            eval_loss(model, inp, tgt, cu)
+        twin = with_attention(model, rec)
+        with module_io(twin) as (inputs, _):
+            eval_loss(twin, inp, tgt, cu)
         return rec.calls, inputs
 
     with torch.no_grad():
@@ -1247,10 +1277,10 @@ def test_softcap_formula():
 def test_fp8_not_supported_on_cpu():
     ok, msg = tg.fp8_supported("cpu")
     assert ok is False and isinstance(msg, str) and msg
-    model = tg.build_model(tiny_args(), "cpu", attn_backend="sdpa", fp8="auto")
-    assert model.use_fp8 is False and model.act_dtype == torch.float32
+    plan = tg.resolve_plan(tiny_args(attn_backend="sdpa"), "cpu")
+    assert plan.fp8 is False and plan.act_dtype == torch.float32
     with pytest.raises(tg.ConfigError, match="--fp8=on: FP8 lm_head needs a CUDA GPU"):
-        tg.build_model(tiny_args(), "cpu", attn_backend="sdpa", fp8="on")
+        tg.resolve_plan(tiny_args(attn_backend="sdpa", fp8="on"), "cpu")
 
 
 def _scaled_mm_runs(device):
@@ -1332,9 +1362,8 @@ def float32_softcap_val_loss(x, W, targets):
 def test_bf16_validation_loss_uses_the_record_op_order():
     """Eager, bf16 activations: the model's eval loss is the record's op order to the bit,
     and at these shapes that number differs from a float32 softcap of the same logits."""
-    model = tiny_model(seed=100)
+    model = tiny_model(seed=100, plan=dict(act_dtype=torch.bfloat16))
     randomize(model, seed=101)
-    model.act_dtype = torch.bfloat16
     T = 256
     cu = [0, 40, 41, 200, T]
     inp, tgt = random_tokens(T, seed=102)
@@ -1370,84 +1399,54 @@ def test_compiled_validation_loss_equals_the_record_op_order_compiled():
 # ------------------------------------------------------------------------------------
 
 def test_training_forward_takes_the_fused_head_when_chosen(monkeypatch):
-    """With fused_loss set to a path, the training loss is fused_loss_head(x, lm_head,
-    targets, mtp weights, the backward's gradient scale) in that path's number of passes:
-    the kernels themselves are checked under the interpreter (tools/fused_kernels_check.py).
-    Off (None), the head is the unfused one, unchanged."""
-    model = tiny_model(seed=110)
-    randomize(model, seed=111)
+    """With the plan's fused_loss set to a path, the training loss is fused_loss_head(x,
+    lm_head, targets, mtp weights, the backward's gradient scale) in that path's number of
+    passes, compiled as the plan says: the kernels themselves are checked under the
+    interpreter (tools/fused_kernels_check.py). Off (None), the head is the unfused one."""
+    unfused_model = tiny_model(seed=110)
+    randomize(unfused_model, seed=111)
     T = 32
     cu = [0, 10, T]
     inp, tgt = random_tokens(T, seed=112)
     w = torch.tensor([1.0, 0.5, 0.25])
-    model.train()
+    unfused_model.train()
     with torch.no_grad():
-        unfused = model(inp, tgt, cu_tensor(cu), max_len(cu), w)
-        x = model.hidden(inp, cu_tensor(cu), max_len(cu))
+        unfused = unfused_model(inp, tgt, cu_tensor(cu), max_len(cu), w)
+        x = unfused_model.hidden(inp, cu_tensor(cu), max_len(cu))
     calls = []
     monkeypatch.setattr(tg, "fused_loss_head", lambda *a, **k: calls.append((a, k)) or torch.tensor(7.0))
-    model.loss_grad_scale = 0.125
     for path, one_pass in (("one pass", True), ("two passes", False)):
-        model.fused_loss = path
+        model = tg.build_model(unfused_model.args, tiny_plan(fused_loss=path))
+        model.load_state_dict(unfused_model.state_dict())
+        model.train()
+        assert model.loss_grad_scale == 0.125  # 1 / grad_accum of one process
         with torch.no_grad():
             assert model(inp, tgt, cu_tensor(cu), max_len(cu), w).item() == 7.0
         ((xa, wa, ta, ma, sa), kw), = calls
         assert torch.equal(xa, x) and wa is model.lm_head and ta is tgt and ma is w and sa == 0.125
-        assert kw == {"one_pass": one_pass}
+        assert kw == {"one_pass": one_pass, "compiled": False}
         calls.clear()
-    model.fused_loss = None
     with torch.no_grad():
-        assert torch.equal(model(inp, tgt, cu_tensor(cu), max_len(cu), w), unfused)
-
-
-def test_fused_path_choice_times_only_where_asked_and_takes_the_faster():
-    cpu = torch.device("cpu")
-
-    def choose(setting, available=(True, ""), times=(1.0, 2.0), timed=None, paths=("fused",)):
-        lines, timed_calls = [], []
-        use = tg.choose_fused_path("fused_loss", setting, available, lambda: timed_calls.append(1) or times,
-                                   0, 1, cpu, lines.append, paths=paths, timed=timed)
-        return use, lines, len(timed_calls)
-
-    assert choose("off") == (None, ["fused_loss: off (forced)"], 0)
-    assert choose("on") == ("fused", ["fused_loss: on (forced)"], 0)
-    with pytest.raises(tg.ConfigError, match="--fused_loss=on: no Triton here"):
-        choose("on", available=(False, "no Triton here"))
-    assert choose("auto") == (None, ["fused_loss: off (auto: off on cpu)"], 0)  # CPU: the reference path
-    assert choose("auto", available=(False, "FP8 is off")) == (None, ["fused_loss: off (FP8 is off)"], 0)
-    use, lines, n = choose("auto", times=(3.25, 4.5), timed=True)
-    assert use == "fused" and n == 1 and lines == ["fused_loss: on (auto: rank 0 timed fused 3.250 ms, unfused 4.500 ms)"]
-    use, lines, n = choose("auto", times=(5.0, 4.5), timed=True)  # never slower than the unfused head
-    assert use is None and n == 1 and lines == ["fused_loss: off (auto: rank 0 timed fused 5.000 ms, unfused 4.500 ms)"]
-    use, lines, n = choose("auto", times=(4.5, 4.5), timed=True)  # a tie: the unfused path
-    assert use is None and n == 1
-    # two fused forms (the loss head's passes): the fastest of the three; on: the first
-    two = ("one pass", "two passes")
-    assert choose("on", paths=two) == ("one pass", ["fused_loss: on, one pass (forced)"], 0)
-    use, lines, n = choose("auto", times=(3.5, 3.25, 4.5), timed=True, paths=two)
-    assert use == "two passes" and n == 1 and lines == [
-        "fused_loss: on, two passes (auto: rank 0 timed one pass 3.500 ms, two passes 3.250 ms, unfused 4.500 ms)"]
-    use, lines, n = choose("auto", times=(3.0, 3.25, 4.5), timed=True, paths=two)
-    assert use == "one pass" and lines[0].startswith("fused_loss: on, one pass (auto:")
-    use, lines, n = choose("auto", times=(5.0, 4.75, 4.5), timed=True, paths=two)
-    assert use is None and lines[0].startswith("fused_loss: off (auto:")
+        assert torch.equal(unfused_model(inp, tgt, cu_tensor(cu), max_len(cu), w), unfused)
 
 
 def test_trainer_tells_the_head_the_gradient_scale_of_its_backward(tmp_path):
     """train_step runs (loss / grad_accum).backward(): the head is told 1 / grad_accum (1/8
-    for one process); on CPU --fused_loss=auto keeps the unfused head and says why."""
+    for one process); on CPU the plan keeps the unfused head and MLP and says why."""
     lines = []
     trainer = tg.Trainer(tg.parse_args(["--preset=tiny", f"--log_dir={tmp_path}"]), 0, 1, torch.device("cpu"),
                          lambda m="", **k: lines.append(m))
-    assert trainer.model.loss_grad_scale == 1 / 8 == 1 / trainer.grad_accum and not trainer.model.fused_loss
-    assert "fused_loss: off (fused loss head needs a CUDA GPU or TRITON_INTERPRET=1 (device is cpu))" in lines
+    assert trainer.model.loss_grad_scale == 1 / 8 == 1 / trainer.grad_accum and not trainer.plan.fused_loss
+    table = "\n".join(lines)
+    assert "fused loss head needs a CUDA GPU or TRITON_INTERPRET=1 (device is cpu)" in table
     assert not any(b.mlp.fused for b in trainer.model.blocks)
-    assert "fused_mlp: off (fused MLP needs a CUDA GPU or TRITON_INTERPRET=1 (device is cpu))" in lines
+    assert "fused MLP needs a CUDA GPU or TRITON_INTERPRET=1 (device is cpu)" in table
 
 
 def test_mlp_takes_the_fused_matmuls_when_chosen(monkeypatch):
-    """With set_fused_mlp(True) every MLP computes fused_mlp(x, c_fc, c_proj) (the kernels are
-    checked under the interpreter, tools/fused_kernels_check.py); off, the record's MLP, bitwise."""
+    """With the plan's fused_mlp every MLP computes fused_mlp(x, c_fc, c_proj) (the kernels
+    are checked under the interpreter, tools/fused_kernels_check.py); off, the record's MLP,
+    bitwise."""
     model = tiny_model(seed=120)
     randomize(model, seed=121)
     x = torch.randn(16, model.args.model_dim, generator=torch.Generator().manual_seed(122))
@@ -1458,12 +1457,12 @@ def test_mlp_takes_the_fused_matmuls_when_chosen(monkeypatch):
     assert_close(before, ref, atol=1e-4, rtol=1e-4, msg="unfused MLP")
     calls = []
     monkeypatch.setattr(tg, "fused_mlp", lambda *a: calls.append(a) or a[0])
-    model.set_fused_mlp(True)
-    assert all(b.mlp.fused for b in model.blocks)
+    fused_model = tg.build_model(model.args, tiny_plan(fused_mlp=True))
+    fused_model.load_state_dict(model.state_dict())
+    assert all(b.mlp.fused for b in fused_model.blocks) and not any(b.mlp.fused for b in model.blocks)
     with torch.no_grad():
-        assert mlp(x) is x
+        assert fused_model.blocks[4].mlp(x) is x
     (xa, fa, pa), = calls
     assert xa is x and torch.equal(fa, mlp.c_fc.float()) and torch.equal(pa, mlp.c_proj.float())
-    model.set_fused_mlp(False)
     with torch.no_grad():
         assert torch.equal(mlp(x), before)

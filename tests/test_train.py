@@ -253,6 +253,11 @@ def test_run_sh_tiny_demo_learns_and_logs(tmp_path):
     assert text.startswith(source)
     assert text[len(source):].startswith("\n" + "=" * 100 + "\n")
     assert f"step:{N}/{N} val_loss:" in text and "peak memory" in text
+    # the start-up plan, once, as a table: each choice, its value and why
+    assert text.count("start-up plan (rank 0 of 1;") == 1
+    for row in ("  attention            sdpa       auto: the reference on cpu",
+                "  fused MLP            off        fused MLP needs a CUDA GPU or TRITON_INTERPRET=1 (device is cpu)"):
+        assert row in text, row
 
 
 # --- bad input: one clear line, before step 0 -------------------------------------------
@@ -442,7 +447,7 @@ def test_save_model_round_trip_keeps_split_windows_and_yarn(tmp_path):
     validation loss; a bad path is one clear error."""
     torch.manual_seed(0)
     args = small_args()
-    model = tg.build_model(args, "cpu", attn_backend="sdpa", fp8="off")
+    model = tg.build_model(args, "cpu")
     model.split_embed()
     with torch.no_grad():
         model.embed.mul_(-1)
@@ -532,7 +537,7 @@ def test_resume_after_the_warm_up_continues_from_the_checkpoint(tmp_path):
     path = a.checkpoint(3, 0.0, "w")
     b = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
     b.warmup()
-    first, _, position = tg.restore_checkpoint(torch.load(path), b.model, b.opt, 0, b.device)
+    first, _, position = tg.restore_checkpoint(torch.load(path), b.model, b.opt, 0, b.plan)
     assert first == 3 and b.model.windows == a.model.windows
     b.restart_data(first, position)
     for step in (3, 4):

@@ -8,11 +8,12 @@ compile/warm-up seconds (with --warmup=false each stage compiles in its two unti
 settle steps instead: the "settle s" column), ms per step per stage (and per GPU at the
 per-rank load of an 8-GPU run: one process does all 8 micro-batches, so that figure is
 the step / 8), tokens/s, model FLOPs utilization against 989 TFLOP/s bf16 per H100,
-peak memory; then pass/fail checks: attention backends vs the SDPA reference, FP8 lm_head
-vs a bf16 linear, the fused loss head and the fused MLP vs the unfused ones (and both
-timings per stage),
-Triton symmetric kernels vs torch (and their speed), that a training
-step never waits for the GPU (no host-device sync), and that an optimizer step ran.
+peak memory. Before that, the start-up plan the trainer would take (train_gpt.resolve_plan:
+every fast path checked against its reference at the run's shapes and timed, the same code
+as the trainer's), one [PASS]/[FAIL] line per fast path it checked, the fused kernels
+against float64 at the record's shapes (tools/fused_kernels_check.py, on CUDA) and each
+fused path's time per stage; after it, that a training step never waits for the GPU (no
+host-device sync) and that an optimizer step ran.
 Extra flags are Hyperparameters overrides (see train_gpt.py --help).
 """
 import argparse
@@ -92,8 +93,9 @@ def stage_starts(args) -> list[int]:
     return [min(s for s in steps if tg.stage(s, args) == k) for k in range(4)]
 
 
-def bench_training(args, device, steps_per_stage, profile=False):
-    trainer = tg.Trainer(args, 0, 1, device, print)
+def bench_training(args, plan, steps_per_stage, profile=False):
+    device = plan.device
+    trainer = tg.Trainer(args, 0, 1, plan, print)
     next_batches = trainer.next_batches
 
     def recording(batch_size):  # keep each step's micro-batch shapes for the FLOP count
@@ -188,56 +190,25 @@ def check_no_sync(trainer, step) -> bool:
     return not syncs
 
 
-def check_attention(device) -> bool:
-    torch.manual_seed(0)
-    T, H, D = 2048, 6, 128
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    q, k, v = (torch.randn(T, H, D, device=device, dtype=dtype) for _ in range(3))
-    cu = torch.tensor([0, 300, 301, 1200, T] + [T] * 123, dtype=torch.int32, device=device)
-    ref = tg.attention_sdpa(q.float(), k.float(), v.float(), cu, T, 384, 0.12)
-    ok = True
-    for name in tg.ATTENTION_BACKENDS:
-        fn, why, _ = tg._try_backend(name, device)
-        if fn is None:
-            print(f"[SKIP] attention {name}: {why}")
-            continue
-        out = fn(q, k, v, cu, T, 384, 0.12).float()
-        err = (out - ref).abs().max().item()
-        good = err < (2e-2 if dtype == torch.bfloat16 else 1e-4)
-        ok &= good
-        print(f"[{'PASS' if good else 'FAIL'}] attention {name} vs SDPA reference: max abs err {err:.2e}")
-    return ok
+def check_plan(plan) -> bool:
+    """One line per fast path the plan checked: dropped paths fail here (the trainer would
+    fall back; a benchmark should know)."""
+    for proof in plan.proofs:
+        worst = f"largest error {proof.worst[0]} {proof.worst[1]:.2e} (tolerance {proof.worst[2]:.0e})" \
+            if proof.errors else proof.why
+        print(f"[{'PASS' if proof.ok else 'FAIL'}] {proof.path}: {worst if proof.ok else proof.why}")
+    if plan.attn_backend == "sdpa":
+        print("[PASS] attention sdpa: the reference backend (nothing to prove)")
+    return all(proof.ok for proof in plan.proofs)
 
 
-def check_fp8(device) -> bool:
-    supported, why = tg.fp8_supported(device)
-    if not supported:
-        print(f"[SKIP] FP8 lm_head: {why}")
-        return True
-    torch.manual_seed(0)
-    x = tg.norm(torch.randn(4096, 768, device=device)).bfloat16().requires_grad_()
-    w = (0.005 * torch.randn(50304, 768, device=device)).bfloat16().requires_grad_()
-    out = tg.fp8_mm(x, w, tg.FP8_X_SCALE, tg.FP8_W_SCALE, tg.FP8_GRAD_SCALE)[0]
-    g = torch.randn_like(out) * 1e-3
-    out.backward(g)
-    x2, w2 = x.detach().float().requires_grad_(), w.detach().float().requires_grad_()
-    ref = x2 @ w2.T
-    ref.backward(g.float())
-    rel = lambda a, b: ((a.float() - b).norm() / b.norm()).item()  # noqa: E731
-    errs = rel(out, ref), rel(x.grad, x2.grad), rel(w.grad, w2.grad)
-    ok = max(errs) < 0.1
-    print(f"[{'PASS' if ok else 'FAIL'}] FP8 lm_head vs fp32 linear: relative error out {errs[0]:.3f}, "
-          f"grad_x {errs[1]:.3f}, grad_w {errs[2]:.3f} (tolerance 0.1)")
-    return ok
-
-
-def check_fused_kernels(device, args) -> bool:
+def check_fused_kernels(plan, args) -> bool:
     """The fused loss head and MLP (train_gpt 2d, 2e) against float64 and the unfused paths
     (tools/fused_kernels_check.py, record shapes included), then ms per forward + backward
-    of each path at every stage's shapes."""
-    ok, why = tg.triton_available(device, "fused kernels")
-    if not ok:
-        print(f"[SKIP] fused loss head and MLP: {why}")
+    of each path at every stage's shapes (train_gpt.time_paths, as the plan times them)."""
+    ok, why = tg.triton_available(tg.Machine.of(plan.device), "fused kernels")
+    if not ok or not plan.cuda:
+        print(f"[SKIP] fused loss head and MLP at the record's shapes: {why or 'need CUDA'}")
         return True
     import subprocess
     res = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "tools" / "fused_kernels_check.py")],
@@ -245,47 +216,24 @@ def check_fused_kernels(device, args) -> bool:
     print(res.stdout, end="")
     good = res.returncode == 0
     print(f"[{'PASS' if good else 'FAIL'}] fused loss head and MLP vs float64 and the unfused paths")
-    V = tg.next_multiple_of_n(args.vocab_size, 128)
-    fp8 = tg.fp8_supported(device)[0]
+    V, device = tg.next_multiple_of_n(args.vocab_size, 128), plan.device
     for name, first in zip(["stage 1", "stage 2", "stage 3", "extension"], stage_starts(args)):
         T = tg.batch_size_at(first, args) // tg.VIRTUAL_RANKS
         K = len(tg.mtp_weights(first, args))
-        timed = [("MLP", ("fused",), tg.time_mlps(T, args.model_dim, device))]
-        if fp8:  # the fused head is the FP8 head's
-            timed.append((f"loss head (K={K})", tg.FUSED_LOSS_PATHS,
-                          tg.time_loss_heads(T, args.model_dim, V, K, 1 / tg.VIRTUAL_RANKS, device)))
-        for what, paths, times in timed:
-            unfused_ms = times[-1]
-            shown = ", ".join(f"{p} {ms:.3f} ms ({unfused_ms / ms:.2f}x)" for p, ms in zip(paths, times))
+        inputs = tg.mlp_inputs(T, args.model_dim, device, plan.act_dtype)
+        timed = [("MLP", tg.time_paths({"fused": tg.timed_fwd_bwd(tg.fused_mlp, inputs), "unfused": tg.timed_fwd_bwd(
+            tg.maybe_compile(tg.unfused_mlp, plan.compile), inputs)}, plan.sync))]
+        if plan.fp8:  # the fused head is the FP8 head's
+            x, w, targets, weights = tg.head_inputs(T, args.model_dim, V, K, device)
+            forms = tg.loss_head_forms(x, w, targets, weights, 1 / tg.VIRTUAL_RANKS, plan.compile)
+            timed.append((f"loss head (K={K})", tg.time_paths(
+                {path: tg.timed_fwd_bwd(fn, (x, w)) for path, fn in forms.items()}, plan.sync)))
+        for what, times in timed:
+            unfused_ms = times["unfused"][0]
+            shown = ", ".join(f"{p} {ms:.3f} ms ({unfused_ms / ms:.2f}x)" for p, (ms, _) in times.items()
+                              if p != "unfused")
             print(f"{what} fwd+bwd {name} (T={T}): {shown}, unfused {unfused_ms:.3f} ms")
     return good
-
-
-def check_triton(device) -> bool:
-    if device.type != "cuda":
-        print("[SKIP] Triton symmetric kernels: need CUDA (tests run them in the interpreter)")
-        return True
-    ok = True
-    for shape in ((768, 768), (768, 3072)):
-        A = torch.randn(8, *shape, device=device, dtype=torch.bfloat16) / shape[1] ** 0.5
-        ref = A.float() @ A.float().mT
-        out = tg.sym_xxt(A)
-        err = ((out.float() - ref).norm() / ref.norm()).item()
-        times = []
-        for fn in (lambda: tg.sym_xxt(A), lambda: A @ A.mT):
-            for _ in range(3):
-                fn()
-            torch.cuda.synchronize()
-            t = time.perf_counter()
-            for _ in range(20):
-                fn()
-            torch.cuda.synchronize()
-            times.append(1000 * (time.perf_counter() - t) / 20)
-        good = err < 1e-2 and times[0] < times[1]
-        ok &= good
-        print(f"[{'PASS' if good else 'FAIL'}] Triton XXT {shape} x8 bf16: rel err {err:.1e}, "
-              f"{times[0]:.3f} ms vs torch A@A.T {times[1]:.3f} ms")
-    return ok
 
 
 def main():
@@ -304,6 +252,11 @@ def main():
         args.grad_sum_dtype = "param"  # as on each of 8 GPUs: no fp32 sums over micro-batches
     device = tg.resolve_device(args.device)
     print(tg.environment_report().splitlines()[1], "on", torch.cuda.get_device_name() if device.type == "cuda" else "CPU")
+    try:
+        plan = tg.resolve_plan(args, device, 0, 1, log=print)
+    except tg.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     with tempfile.TemporaryDirectory() as tmp:
         if ns.data:
             folder = Path(ns.data)
@@ -315,8 +268,7 @@ def main():
             write_synthetic_shards(folder, need, args.val_tokens + 1)
             print(f"synthetic shards: {need:,} train tokens in {time.perf_counter() - t:.1f}s")
             args.train_files, args.val_files = str(folder / "synth_train_*.bin"), str(folder / "synth_val_*.bin")
-        results = [check_attention(device), check_fp8(device), check_fused_kernels(device, args), check_triton(device),
-                   bench_training(args, device, ns.steps, ns.profile)]
+        results = [check_plan(plan), check_fused_kernels(plan, args), bench_training(args, plan, ns.steps, ns.profile)]
     print("ALL CHECKS PASSED" if all(results) else "SOME CHECKS FAILED")
     sys.exit(0 if all(results) else 1)
 

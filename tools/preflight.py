@@ -10,9 +10,10 @@ the graph, recompiles in the timed run or makes the CPU wait for the GPU shows u
 first. What it does:
 
 - builds the model and both optimizers on the `meta` device (no memory, no data math) as
-  rank 0 of 8 (a fake process group), with the GPU path's choices: bf16 activations, the
-  FP8 lm_head, bf16 Polar Express, and the attention backend replaced by a stand-in op
-  with the signature of the FlashAttention-3 / varlen kernels;
+  rank 0 of 8 (a fake process group), with the plan a GPU rank makes where every fast path
+  is proven and faster (train_gpt.assumed_gpu_plan): bf16 activations, the FP8 lm_head,
+  bf16 Polar Express, compiled, and the attention backend replaced by a stand-in op with
+  the signature of the FlashAttention-3 / varlen kernels;
 - runs the exact warm-up (every step and validation the trainer's warm-up runs), then the
   timed run's sequence of states: the first steps of every stage, the embed split, the
   extension and the final validation, through torch.compile(fullgraph=True) with a
@@ -410,6 +411,9 @@ def _meta_like(v):
 def _custom_op_kernels(node, name, attention_pairs) -> list[Kernel]:
     """A train_gpt custom op: a declared hand-written kernel, or the kernels of its body."""
     vals = [_meta_like(a.meta["val"]) if isinstance(a, torch.fx.Node) else a for a in node.args]
+    names = [a.name for a in torch._library.custom_ops.OPDEFS[name]._opoverload._schema.arguments]
+    if "compiled" in names[:len(vals)]:  # the op's body as PyTorch ops, not through torch.compile
+        vals[names.index("compiled")] = False
     if name == "train_gpt::mtp_loss_grad_e5m2":  # hand-written: what its code moves per (T, V) element
         numel, partial = vals[0].numel(), vals[4]
         per = tg.MTP_KERNEL_BYTES_PER_ELEMENT[partial.shape[1] > 0]  # given the lse's partial sums or not
@@ -556,8 +560,8 @@ def fused_kernels_per_micro_batch(args) -> tuple[int, int]:
 
     tiny = tg.parse_args(["--preset=tiny"])
     torch.manual_seed(0)
-    model = tg.build_model(tiny, "cpu", attn_backend="sdpa", fp8="off")
-    model.act_dtype = torch.bfloat16
+    plan = tg.dataclasses.replace(tg.base_plan(tiny, "cpu"), act_dtype=torch.bfloat16)
+    model = tg.build_model(tiny, plan)
     T = tiny.train_batch_sizes[0] // tg.VIRTUAL_RANKS
     inputs = torch.randint(0, 50000, (T,), dtype=torch.int32)
     targets = torch.randint(0, 50000, (T,))
@@ -638,6 +642,46 @@ def roofline_lines(per_step) -> list[str]:
                 f"{names[k]}: {sum(v) / len(v):.1f}" for k, v in sorted(by_stage.items()))]
 
 
+def gpu_trainer(args, world_size: int):
+    """The Trainer of rank 0 of world_size on the `meta` device, with the choices a GPU run
+    makes where every fast path is proven and faster (train_gpt.assumed_gpu_plan): bf16
+    activations and Polar Express, the FP8 head, the fused loss head in one pass and the fused
+    MLP (unless their flags are off), compiled; attention_stand_in as the attention kernel.
+    Scripts older than the start-up plan get the same choices set on their model instead."""
+    if hasattr(tg, "assumed_gpu_plan"):
+        plan = tg.assumed_gpu_plan(args, world_size, attention_stand_in)
+        return tg.Trainer(args, 0, world_size, plan, lambda *a, **k: None)
+    trainer = tg.Trainer(args, 0, world_size, torch.device("meta"), lambda *a, **k: None)  # an older script
+    legacy = dict(attn_fn=attention_stand_in, use_fp8=True)
+    if hasattr(trainer.model, "fused_loss"):
+        legacy["fused_loss"] = getattr(tg, "FUSED_LOSS_PATHS", (True,))[0] if args.fused_loss != "off" else None
+    for name, value in legacy.items():
+        setattr(trainer.model, name, value)
+    if hasattr(trainer.model, "set_fused_mlp"):
+        trainer.model.set_fused_mlp(args.fused_mlp != "off")
+    trainer.opt.muon.ortho_dtype = torch.bfloat16
+    return trainer
+
+
+def train_step_counting_optimizer(trainer, step: int, counted) -> None:
+    """trainer.train_step(step) with counted() entered around its optimizer step (the
+    trainer's seam; an older script's optimizer step is wrapped instead)."""
+    import inspect
+    if "around_optimizer" in inspect.signature(trainer.train_step).parameters:
+        trainer.train_step(step, around_optimizer=counted)
+        return
+    real_step = trainer.opt.step
+
+    def step_counted(*a, **k):
+        with counted():
+            real_step(*a, **k)
+    trainer.opt.step = step_counted
+    try:
+        trainer.train_step(step)
+    finally:
+        trainer.opt.step = real_step
+
+
 def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
     world_size = tg.VIRTUAL_RANKS
     recorder = GraphRecorder()
@@ -652,14 +696,7 @@ def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
         with preflight_environment(recorder, world_size) as cpu_batches:
             torch._dynamo.reset()
             torch._dynamo.config.cache_size_limit = 64
-            trainer = tg.Trainer(args, 0, world_size, torch.device("meta"), lambda *a, **k: None)
-            trainer.model.attn_fn = attention_stand_in
-            trainer.model.use_fp8 = True
-            if hasattr(trainer.model, "fused_loss"):  # the fused head, as a GPU run takes it where faster
-                trainer.model.fused_loss = getattr(tg, "FUSED_LOSS_PATHS", (True,))[0] if args.fused_loss != "off" else None
-            if hasattr(trainer.model, "set_fused_mlp"):  # likewise the fused MLP
-                trainer.model.set_fused_mlp(args.fused_mlp != "off")
-            trainer.opt.muon.ortho_dtype = torch.bfloat16
+            trainer = gpu_trainer(args, world_size)
             try:
                 trainer.warmup()
                 recorder.phase = "timed run"
@@ -675,19 +712,16 @@ def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
                     items, host_values = recorder.items, recorder.host_values
                     micro, opt_ops = {}, None
                     with DeviceOps(recorder) as ops:
-                        real_step = trainer.opt.step
-
-                        def counted_step(*a, **k):
+                        @contextlib.contextmanager
+                        def counted_optimizer():
                             nonlocal opt_ops
                             calls_before = len(recorder.calls)
                             with DeviceOps(recorder) as inner:
-                                real_step(*a, **k)
+                                yield
                             opt_ops = (inner.kernels, [recorder.calls[i] for i in range(calls_before,
                                                                                        len(recorder.calls))],
                                        inner.records)
-                        trainer.opt.step = counted_step
-                        trainer.train_step(step)
-                        trainer.opt.step = real_step
+                        train_step_counting_optimizer(trainer, step, counted_optimizer)
                     ops.syncs += ["Tensor.item()"] * (recorder.items - items)
                     ops.syncs += ["a tensor built from Python values on the device"] * (
                         recorder.host_values - host_values)

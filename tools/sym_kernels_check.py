@@ -34,7 +34,7 @@ for dtype, tol in cases:
     worst = 0.0
     for shape in xxt_shapes:  # sizes not divisible by the blocks, batched and 2-D, wide and tall
         A = torch.randn(shape, device=device).to(dtype)
-        out = tg.sym_xxt(A, force_triton=True)
+        out = tg.sym_xxt(A, use_triton=True)
         assert out.shape == A.shape[:-1] + A.shape[-2:-1] and out.dtype == dtype
         worst = max(worst, rel_err(out, A.double() @ A.double().mT))
     for shape in sym_shapes:
@@ -42,9 +42,9 @@ for dtype, tol in cases:
         A = ((X @ X.mT + (X @ X.mT).mT) / 2).to(dtype)  # exactly symmetric
         b, c = -2.808917465908714, 0.5000178451051316
         ref = b * A.double() + c * (A.double() @ A.double())
-        worst = max(worst, rel_err(tg.sym_ba_plus_caa(A, b, c, force_triton=True), ref))
+        worst = max(worst, rel_err(tg.sym_ba_plus_caa(A, b, c, use_triton=True), ref))
         buf = torch.full_like(A, float("nan"))  # preallocated output, as Polar Express uses it
-        tg.sym_ba_plus_caa(A, b, c, out=buf, force_triton=True)
+        tg.sym_ba_plus_caa(A, b, c, out=buf, use_triton=True)
         worst = max(worst, rel_err(buf, ref))
     print(f"{device} {dtype}: max relative error {worst:.3e} (tolerance {tol:g})")
     failed |= not worst < tol

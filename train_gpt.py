@@ -1295,14 +1295,16 @@ def _fwd_bwd(fn, inputs, grad=None) -> list[Tensor]:
     return [out.detach()] + [t.grad for t in leaves]
 
 
-def check_attention(fn, machine, num_heads: int, head_dim: int) -> list:
+def check_attention(fn, machine, num_heads: int, head_dim: int, compiled: bool = False) -> list:
     """A backend's output and q, k, v gradients against SDPA in float32, at a small packed
-    shape: documents of 300, 1, 400 and 323 tokens, a window of 384."""
+    shape: documents of 300, 1, 400 and 323 tokens, a window of 384. compiled: through
+    torch.compile(fullgraph=True) as the model calls it (a hub build whose ops do not trace
+    fails here, not at the warm-up)."""
     device, dtype = Machine.of(machine).device, torch.bfloat16 if Machine.of(machine).cuda else torch.float32
     T, window, scale = 1024, 384, head_dim ** -0.5
     cu = torch.tensor([0, 300, 301, 701, T] + [T] * 3, dtype=torch.int32, device=device)
     q, k, v, g = (_randn(T, num_heads, head_dim, seed=s, device=device, dtype=dtype) for s in range(4))
-    got = _fwd_bwd(lambda a, b, c: fn(a, b, c, cu, T, window, scale), (q, k, v), g)
+    got = _fwd_bwd(maybe_compile(lambda a, b, c: fn(a, b, c, cu, T, window, scale), compiled), (q, k, v), g)
     ref = _fwd_bwd(lambda a, b, c: attention_sdpa(a, b, c, cu, T, window, scale),
                    (q.float(), k.float(), v.float()), g.float())
     tol = PROOF_TOLERANCES["attention"]
@@ -1527,7 +1529,8 @@ class _PlanBuilder:
         if requested != "auto":
             fn, what = forced_attention_backend(requested, m)
             if requested != "sdpa":
-                proof = self.prove(f"attention {requested}", lambda: check_attention(fn, m, s["heads"], s["head_dim"]))
+                proof = self.prove(f"attention {requested}", lambda: check_attention(fn, m, s["heads"], s["head_dim"],
+                                                                                     self.plan.compile))
                 if not proof.ok:
                     raise ConfigError(f"--attn_backend={requested}: its start-up check against SDPA failed: {proof.why}")
                 why = f"forced; {_proven(proof)}"
@@ -1541,7 +1544,8 @@ class _PlanBuilder:
             if fn is None:
                 skipped.append(f"{name}: {why}")
                 continue
-            proof = self.prove(f"attention {name}", lambda fn=fn: check_attention(fn, m, s["heads"], s["head_dim"]))
+            proof = self.prove(f"attention {name}", lambda fn=fn: check_attention(fn, m, s["heads"], s["head_dim"],
+                                                                                  self.plan.compile))
             if proof.ok:
                 note = f"; skipped {'; '.join(skipped)}" if skipped else ""
                 self._take_attention(name, fn, f"{name}{what}", f"auto: {_proven(proof)}{note}")

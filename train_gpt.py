@@ -20,6 +20,7 @@ import sys
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -193,7 +194,22 @@ RUN_ONLY_FLAGS = frozenset(name for name, meta in FLAGS.items() if meta["run_onl
 
 
 class _FlagParser(argparse.ArgumentParser):
+    """argparse with whole flag names only (--num_scheduled_iteration is not
+    --num_scheduled_iterations) and one-line errors that suggest the nearest flag."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)
+
     def error(self, message):  # one line, no usage block
+        if message.startswith("unrecognized arguments: "):
+            import difflib
+            unknown = message.removeprefix("unrecognized arguments: ").split()
+            parts = []
+            for arg in unknown:
+                name = arg.split("=", 1)[0].lstrip("-")
+                near = difflib.get_close_matches(name, FLAGS, n=1, cutoff=0.75) if arg.startswith("--") else []
+                parts.append(f"{arg} (did you mean --{near[0]}?)" if near else arg)
+            message = f"unknown flag(s): {', '.join(parts)}; python train_gpt.py --help lists them"
         raise ConfigError(message)
 
 
@@ -1793,6 +1809,21 @@ def split_fp32_to_bf16_and_mantissa(x: Tensor, p_out: Tensor, mantissa_out: Tens
     mantissa_out.copy_(bits.to(torch.int16).view(torch.uint16))
 
 
+# torch 2.13 deprecates reduce_scatter_tensor and all_gather_into_tensor (FutureWarning at
+# every call) in favour of *_single names that torch 2.11, which GPU images still carry,
+# does not have: the old names are called with that one warning silenced, here only.
+def reduce_scatter(output: Tensor, input: Tensor, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*deprecated", category=FutureWarning)
+        return dist.reduce_scatter_tensor(output, input, **kwargs)
+
+
+def all_gather(output: Tensor, input: Tensor, **kwargs):
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*deprecated", category=FutureWarning)
+        return dist.all_gather_into_tensor(output, input, **kwargs)
+
+
 def muon_groups(kinds: list[str], world_size: int, packed: bool | None = None) -> list[list[int | None]]:
     """Communication groups for NorMuon. kinds[i] is 'attn' or 'mlp' for Muon matrix i.
 
@@ -2048,7 +2079,7 @@ class NorMuon:
                 pending.append((None, stacked, stacked))
             else:
                 chunk = stacked.new_empty(g.per_rank, *stacked.shape[1:])
-                work = dist.reduce_scatter_tensor(chunk, stacked, op=dist.ReduceOp.AVG, async_op=True)
+                work = reduce_scatter(chunk, stacked, op=dist.ReduceOp.AVG, async_op=True)
                 pending.append((work, stacked, chunk))
         return pending
 
@@ -2068,7 +2099,7 @@ class NorMuon:
             if mine:
                 send[:len(mine)].copy_(new)
             out = ref.new_empty(len(g.members), *ref.shape)
-            gathers.append((dist.all_gather_into_tensor(out, send, async_op=True), g, out, send))
+            gathers.append((all_gather(out, send, async_op=True), g, out, send))
         for work, g, out, _ in gathers:
             work.wait()
             slots = [j for j, i in enumerate(g.members) if i is not None]
@@ -2158,7 +2189,7 @@ class DistAdam:
         grad = self.grads.get(slot.param)
         if slot.sharded:
             shard = grad.new_empty(slot.m.shape)
-            work = dist.reduce_scatter_tensor(shard, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
+            work = reduce_scatter(shard, grad.contiguous(), op=dist.ReduceOp.AVG, async_op=True)
             slot.pending = (work, shard)
         else:
             slot.pending = (dist.all_reduce(grad, op=dist.ReduceOp.AVG, async_op=True), grad)
@@ -2188,7 +2219,7 @@ class DistAdam:
                 grad = self.grads.get(slot.param)
             new = self._update(slot, grad, lr)
             if slot.sharded:
-                gathers.append(dist.all_gather_into_tensor(slot.param.detach(), new, async_op=True))
+                gathers.append(all_gather(slot.param.detach(), new, async_op=True))
             else:
                 slot.param.copy_(new)
         self._launched = []
@@ -2934,15 +2965,18 @@ def read_shard(path, vocab_size: int | None = None) -> Tensor:
     return torch.from_numpy(tokens.astype(np.uint16, copy=False))
 
 
-def list_shards(pattern) -> list[Path]:
-    """Sorted list of the files matching `pattern`; a clear error if there are none."""
+def list_shards(pattern, flag: str = "", preset: str = "") -> list[Path]:
+    """Sorted list of the files matching `pattern`; a clear error if there are none, naming
+    `flag` and suggesting the sample corpus only where --preset tiny was not given."""
     files = sorted(Path(p) for p in glob.glob(str(pattern)))
     if not files:
+        where = f" ({flag})" if flag else ""
+        last = ("check the folder and file names of that glob" if preset == "tiny" else
+                "or use the bundled sample corpus with `--preset tiny`")
         raise FileNotFoundError(
-            f"no token shards match {str(pattern)!r}. Download FineWeb with "
+            f"no token shards match {str(pattern)!r}{where}. Download FineWeb with "
             f"`python data/cached_fineweb10B.py 9`, make shards of your own text with "
-            f"`python data/fineweb.py --input FILE ...`, or use the bundled sample corpus "
-            f"with `--preset tiny` (see data/README.md)")
+            f"`python data/fineweb.py --input FILE ...`, {last} (see data/README.md)")
     return files
 
 
@@ -3307,6 +3341,14 @@ def check_config(args: Hyperparameters, world_size: int):
         raise ConfigError(f"--val_tokens={args.val_tokens} is not divisible by --val_batch_size={args.val_batch_size}")
     if args.num_scheduled_iterations < 3:
         raise ConfigError("--num_scheduled_iterations must be at least 3 (one step per third)")
+    if args.num_heads % 2:
+        raise ConfigError(f"--num_heads={args.num_heads}: must be even (heads attend in pairs)")
+    if args.head_dim % 4:
+        raise ConfigError(f"--head_dim={args.head_dim}: must be a multiple of 4 (rotary and the key offset "
+                          f"split each head in quarters)")
+    if args.model_dim != args.num_heads * args.head_dim:
+        raise ConfigError(f"--model_dim={args.model_dim} must equal --num_heads x --head_dim = "
+                          f"{args.num_heads} x {args.head_dim} = {args.num_heads * args.head_dim}")
 
 
 def _check_writable_dir(folder: Path, what: str) -> None:
@@ -3321,7 +3363,7 @@ def _check_writable_dir(folder: Path, what: str) -> None:
         raise ConfigError(f"{what}: cannot write in {folder} ({e.strerror})") from None
 
 
-def check_inputs(args: Hyperparameters, world_size: int, rank: int, device) -> str:
+def check_inputs(args: Hyperparameters, world_size: int, rank: int, device, continues_log: bool = False) -> str:
     """Everything about a run's inputs that can be known before compiling or warming up, on
     every rank: the attention backend and FP8 choices, the header of every train and val
     shard, the tokens the schedule needs against those the shards hold, and (rank 0) the log
@@ -3336,7 +3378,7 @@ def check_inputs(args: Hyperparameters, world_size: int, rank: int, device) -> s
             raise ConfigError(f"--{flag}=on: {why}")
     counts = {}
     for flag, pattern in (("--train_files", args.train_files), ("--val_files", args.val_files)):
-        files = list_shards(pattern)
+        files = list_shards(pattern, flag, args.preset)
         sizes = [shard_token_count(f) for f in files]  # headers only: every shard, in seconds
         if 0 in sizes:
             raise ConfigError(f"token shard {files[sizes.index(0)]} ({flag}) holds no tokens")
@@ -3358,7 +3400,7 @@ def check_inputs(args: Hyperparameters, world_size: int, rank: int, device) -> s
         _check_writable_dir(Path(args.log_dir), f"--log_dir={args.log_dir}")
         if args.run_id and (os.sep in args.run_id or args.run_id in (".", "..")):
             raise ConfigError(f"--run_id={args.run_id}: must be a plain file name")
-        if args.run_id and (Path(args.log_dir) / f"{args.run_id}.txt").exists():
+        if args.run_id and not continues_log and (Path(args.log_dir) / f"{args.run_id}.txt").exists():
             raise _log_exists(Path(args.log_dir) / f"{args.run_id}.txt")
         if args.save_model:
             target = Path(args.save_model)
@@ -3369,6 +3411,19 @@ def check_inputs(args: Hyperparameters, world_size: int, rank: int, device) -> s
             _check_writable_dir(target.parent, f"--save_model={args.save_model}")
     return (f"data: {n_files} train shard(s), {have:,} tokens (the schedule needs >= {need:,}); "
             f"{n_val} val shard(s), {have_val:,} tokens")
+
+
+def checkpoint_run_id(state: dict, path) -> str:
+    """The run id a checkpoint belongs to (older checkpoints: from its file name)."""
+    return state.get("run_id") or Path(path).name.split(".step")[0]
+
+
+def resume_note(args: Hyperparameters, state: dict) -> str:
+    """The run_only flags a resumed run changed, for its log line ("" when none)."""
+    saved = state["args"]
+    changed = [f"--{k}={getattr(args, k)} (was {saved[k]})" for k in sorted(RUN_ONLY_FLAGS - {"resume", "run_id"})
+               if k in saved and saved[k] != getattr(args, k)]
+    return f"; changed: {', '.join(changed)}" if changed else ""
 
 
 def check_resume(args: Hyperparameters, world_size: int) -> dict:
@@ -3399,14 +3454,15 @@ def _log_exists(path: Path) -> ConfigError:
 
 class Logger:
     """Prints on rank 0 and appends to logs/<run_id>.txt (rank 0 only). The file is created
-    here and must not exist yet: an earlier run's log is never overwritten."""
+    here and must not exist yet: an earlier run's log is never overwritten, only continued
+    (append=True: a resumed run's own log, which may exist)."""
 
-    def __init__(self, path: Path | None):
+    def __init__(self, path: Path | None, append: bool = False):
         self.path = path
         if path is not None:
             try:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                with open(path, "x"):
+                with open(path, "a" if append else "x"):
                     pass
             except FileExistsError:
                 raise _log_exists(path) from None
@@ -3489,9 +3545,11 @@ def read_model_file(path) -> dict:
         state = torch.load(path, map_location="cpu")
     except FileNotFoundError:
         raise ConfigError(f"{path}: no such model file") from None
-    except Exception as e:
-        raise ConfigError(f"{path}: not a model saved by train_gpt.py ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a folder; expected a checkpoint or model file") from None
+    except Exception as e:  # torch's own message would suggest weights_only=False: never for a checkpoint
+        raise ConfigError(f"{path}: not a model saved by train_gpt.py (expected a --save_model or "
+                          f"--checkpoint_every file; reading it as one failed: {type(e).__name__})") from None
     if not isinstance(state, dict) or state.get("format") not in (MODEL_FILE_FORMAT, CHECKPOINT_FORMAT):
         raise ConfigError(f"{path}: not a model saved by train_gpt.py --save_model or --checkpoint_every")
     return state
@@ -3536,7 +3594,7 @@ def write_checkpoint(folder: Path, run_id: str, step: int, train_ms: float, mode
         ranks = [torch.load(io.BytesIO(b)) for b in gathered]
     else:
         ranks = [mine]
-    state = dict(format=CHECKPOINT_FORMAT, **_model_state(model), step=step, train_ms=train_ms,
+    state = dict(format=CHECKPOINT_FORMAT, **_model_state(model), run_id=run_id, step=step, train_ms=train_ms,
                  world_size=world_size, data=data_position, ranks=ranks, rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if plan.cuda else None)
     path = folder / f"{run_id}.step{step:06d}.pt"
@@ -3680,7 +3738,11 @@ class Trainer:
         self.split = split_step(args)
         self.batches: TrainBatches | None = None
         self.step = None  # the step being run (for the interrupt message)
-        self.last_checkpoint = Path(args.resume) if args.resume else None  # the one to resume from
+        self.last_checkpoint = Path(args.resume).resolve() if args.resume else None  # the one to resume from
+        # tokens of steps 0 .. k-1 for every k: the ETA weighs the steps left by their batch sizes
+        self.tokens_before = [0]
+        for step in range(total_steps(args)):
+            self.tokens_before.append(self.tokens_before[-1] + batch_size_at(step, args))
 
     def restart_data(self, step: int = 0, position=None):
         """A fresh training stream for `step` (its first shard starts loading now): from the
@@ -3751,7 +3813,7 @@ class Trainer:
 
     # --- checkpoints (files section: write_checkpoint, restore_checkpoint) ---
     def checkpoint(self, step: int, train_ms: float, run_id: str) -> Path | None:
-        path = write_checkpoint(Path(self.args.log_dir), run_id, step, train_ms, self.model, self.opt,
+        path = write_checkpoint(Path(self.args.log_dir).resolve(), run_id, step, train_ms, self.model, self.opt,
                                 self.batches.position(), self.rank, self.world_size, self.plan)
         if path is not None:
             self.last_checkpoint = path
@@ -3769,8 +3831,6 @@ def train(t: Trainer, run_id: str = "run", resume: dict | None = None) -> float 
     args, log, N = t.args, t.log, total_steps(t.args)
     first, train_ms, position = (restore_checkpoint(resume, t.model, t.opt, t.rank, t.plan)
                                  if resume else (0, 0.0, None))
-    if resume:
-        log(f"resumed from {args.resume} at step {first}")
     t.restart_data(first, position)
     t.model.set_windows(*windows_at(min(first, N - 1), args))
     val_loss = None
@@ -3827,8 +3887,10 @@ def _log_step(t: Trainer, done: int, loss: Tensor, elapsed_ms: float) -> bool:
             raise ConfigError(f"training loss is {loss_value} at step {done - 1}: training diverged")
         shown = f" mtp_loss:{loss_value:.4f}"  # the weighted multi-token sum, per token
     avg = elapsed_ms / done
+    # the time per token so far times the tokens of the steps left (batches grow by stage)
+    left = t.tokens_before[N] - t.tokens_before[done]
     t.log(f"step:{done}/{N}{shown} train_time:{elapsed_ms:.0f}ms step_avg:{avg:.2f}ms "
-          f"eta:{avg * (N - done) / 1000:.0f}s")
+          f"eta:{elapsed_ms * left / t.tokens_before[done] / 1000:.0f}s")
     return read
 
 
@@ -3880,10 +3942,6 @@ def set_allocator_defaults() -> None:
 def main(argv=None):
     set_allocator_defaults()
     import signal
-    import warnings
-    # torch 2.13 deprecates these names in favour of *_single, which torch 2.11 lacks
-    warnings.filterwarnings("ignore", message=r".*(reduce_scatter_tensor|all_gather_into_tensor).*deprecated",
-                            category=FutureWarning)
     signal.signal(signal.SIGTERM, _on_stop_signal)
     signal.signal(signal.SIGINT, _on_stop_signal)
     rank = int(os.environ.get("RANK", 0))
@@ -3895,18 +3953,28 @@ def main(argv=None):
         check_config(args, world_size)
         machine = Machine.of(resolve_device(args.device, local_rank))
         device = machine.device
-        data_summary = check_inputs(args, world_size, rank, machine)  # before any process group or log
         resume = check_resume(args, world_size) if args.resume else None
-        start_process(machine, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         import uuid
-        run_id = args.run_id or str(uuid.uuid4())
-        log = Logger(Path(args.log_dir) / f"{run_id}.txt" if rank == 0 else None)
-        log(Path(__file__).read_text(), console=False)
-        log("=" * 100, console=False)
-        log(environment_report(), console=False)
-        log("=" * 100, console=False)
+        # a resumed run continues its checkpoint's run and log unless --run_id names another
+        resumed_id = checkpoint_run_id(resume, args.resume) if resume else None
+        run_id = args.run_id or resumed_id or str(uuid.uuid4())
+        continues = resume is not None and run_id == resumed_id
+        data_summary = check_inputs(dataclasses.replace(args, run_id=run_id), world_size, rank, machine,
+                                    continues_log=continues)  # before any process group or log
+        start_process(machine, world_size, int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
+        log_path = Path(args.log_dir).resolve() / f"{run_id}.txt"
+        fresh_log = not (continues and log_path.exists())
+        log = Logger(log_path if rank == 0 else None, append=not fresh_log)
+        if fresh_log:
+            log(Path(__file__).read_text(), console=False)
+            log("=" * 100, console=False)
+            log(environment_report(), console=False)
+            log("=" * 100, console=False)
         log(f"run {run_id}: {world_size} process(es) x {VIRTUAL_RANKS // world_size} micro-batches on {device}"
             + ("" if machine.cuda else f" ({torch.get_num_threads()} thread(s) each)") + f"; log file {log.path}")
+        if resume is not None:
+            where = f"from {Path(args.resume).resolve()} at step {resume['step']}{resume_note(args, resume)}"
+            log(f"resumed {where}" if continues else f"continues run {resumed_id} {where}")
         log("config: " + " ".join(f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
                                   for k, v in dataclasses.asdict(args).items()), console=False)
         log(data_summary)

@@ -434,6 +434,8 @@ def main(argv=None):
                 held_val = None
             write(path, np.concatenate(parts), count)
         shard_index, parts, count = shard_index + 1, [], 0
+        bar.total = bar.n  # a last shard that the corpus did not fill ends at 100%, with its real size
+        bar.refresh()
         bar.close()
         bar = None
 

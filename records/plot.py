@@ -22,14 +22,16 @@ _spec.loader.exec_module(stats)
 
 def val_curve(path) -> list[tuple[int, float, float]]:
     """(step, val_loss, train time in s) of every validation line below the log's
-    separator (or in the whole file when it has none), in file order."""
+    separator (or in the whole file when it has none), by step. A resumed run appends to
+    its log from its checkpoint's step: where a step was validated twice (before the stop
+    and after the resume), the later line counts."""
     source, rest = stats._split_source(stats.read_log_text(path))
-    points = []
+    points = {}
     for line in rest.splitlines():
         m = stats._VAL_RE.fullmatch(line.strip())
         if m is not None:
-            points.append((int(m["step"]), float(m["loss"]), int(m["ms"]) / 1000))
-    return points
+            points[int(m["step"])] = (int(m["step"]), float(m["loss"]), int(m["ms"]) / 1000)
+    return [points[step] for step in sorted(points)]
 
 
 def labels_for(paths) -> list[str]:

@@ -117,6 +117,9 @@ def test_missing_files(tmp_path):
         tg.list_shards(pattern)
     assert pattern in str(err.value) and "cached_fineweb10B.py" in str(err.value)
     assert "--preset tiny" in str(err.value)
+    with pytest.raises(FileNotFoundError) as err:  # given --preset tiny: no advice to give it
+        tg.list_shards(pattern, "--train_files", "tiny")
+    assert "(--train_files)" in str(err.value) and "--preset tiny" not in str(err.value)
     with pytest.raises(FileNotFoundError):
         tg.train_data_generator(pattern, 1024, 0, 1, 64)
     with pytest.raises(FileNotFoundError):

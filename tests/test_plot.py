@@ -51,3 +51,14 @@ def test_plot_writes_a_picture_of_several_runs(tmp_path):
 
 def test_labels_tell_same_named_logs_apart():
     assert plot.labels_for(["r1/log.txt", "r2/log.txt", "mine.txt"]) == ["r1/log", "r2/log", "mine"]
+
+
+def test_a_resumed_log_is_one_curve_whose_repeated_steps_take_the_later_line(tmp_path):
+    """A run stopped after validating step 20 but checkpointed at step 10, then resumed into
+    the same log: its second step-20 line (after `resumed from ...`) is the curve's."""
+    log = write_log(tmp_path / "r.txt", [(0, 10.8, 0), (10, 8.0, 6000), (20, 7.5, 12000)])
+    with open(log, "a") as f:
+        f.write("resumed from logs/r.step000010.pt at step 10\n"
+                "step:20/64 val_loss:7.4000 train_time:12500ms step_avg:625.00ms\n"
+                "step:64/64 val_loss:6.6000 train_time:41000ms step_avg:640.62ms\n")
+    assert plot.val_curve(log) == [(0, 10.8, 0.0), (10, 8.0, 6.0), (20, 7.4, 12.5), (64, 6.6, 41.0)]

@@ -79,4 +79,6 @@ def test_generate_follows_the_models_logits(tiny_checkpoint):
 def test_bad_checkpoint_path_is_one_line(tmp_path):
     r = sample(tmp_path / "missing.pt", "--prompt", "x")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip() == f"error: {tmp_path / 'missing.pt'}: no such model file"
+    # what it loads, then one error line
+    assert r.stderr.strip().splitlines() == [f"loading {tmp_path / 'missing.pt'} on cpu ...",
+                                             f"error: {tmp_path / 'missing.pt'}: no such model file"]

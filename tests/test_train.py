@@ -150,7 +150,8 @@ def test_same_losses_and_parameters_with_1_2_and_4_processes(process_runs):
     outs, tmp_path = process_runs
     vals1, steps1 = parse(outs[1])
     assert [s for s, _ in steps1] == list(range(1, 8)) and [s for s, _ in vals1] == [0, 4, 7]
-    assert "gradient sums over micro-batches: float64" in outs[1]
+    assert re.search(r"^  gradient sums +float64 +--grad_sum_dtype=auto, 8 micro-batch\(es\) per rank$", outs[1], re.M)
+    assert re.search(r"^  gradient sums +float64 +--grad_sum_dtype=auto, 2 micro-batch\(es\) per rank$", outs[4], re.M)
     for n in (2, 4):
         vals, steps = parse(outs[n])
         assert [s for s, _ in steps] == [s for s, _ in steps1] and [s for s, _ in vals] == [s for s, _ in vals1]
@@ -191,11 +192,30 @@ def test_resumed_runs_end_bit_identical_to_uninterrupted_ones(process_runs, tmp_
         full = outs[n]
         assert sorted(p.name for p in runs.glob(f"p{n}.step*.pt")) == [f"p{n}.step000005.pt", f"p{n}.step000007.pt"]
         ckpt = torch.load(runs / f"p{n}.step000005.pt")
-        assert ckpt["step"] == 5 and ckpt["world_size"] == n and len(ckpt["ranks"]) == n
+        assert ckpt["step"] == 5 and ckpt["world_size"] == n and len(ckpt["ranks"]) == n and ckpt["run_id"] == f"p{n}"
         assert all(r["grads"] for r in ckpt["ranks"])  # step 4 was even: Adam's gradients wait
-        resumed = run_train(common + [f"--run_id=res{n}", f"--resume={runs / f'p{n}.step000005.pt'}",
-                                      f"--save_model={tmp_path / f'res{n}.pt'}"], nproc=n)
-        assert f"resumed from {runs / f'p{n}.step000005.pt'} at step 5" in resumed
+        if n == 1:  # the same flags: the run and its log go on (a log cut off after that checkpoint)
+            log = (runs / "p1.txt").read_text()
+            cut = log.index(f"checkpoint: {runs / 'p1.step000005.pt'}\n")
+            (tmp_path / "p1.txt").write_text(log[:cut + len(f"checkpoint: {runs / 'p1.step000005.pt'}\n")])
+            shutil.copy(runs / "p1.step000005.pt", tmp_path / "p1.step000005.pt")
+            resumed = run_train(common + [f"--resume={tmp_path / 'p1.step000005.pt'}", "--val_loss_every=0",
+                                          f"--save_model={tmp_path / 'res1.pt'}"], nproc=n)
+            line = next(l for l in resumed.splitlines() if l.startswith("resumed from "))
+            assert line.startswith(f"resumed from {tmp_path / 'p1.step000005.pt'} at step 5; changed: ")
+            assert "--val_loss_every=0 (was 4)" in line
+            text = (tmp_path / "p1.txt").read_text()
+            assert text.count("=" * 100) == 2 and text.startswith(log[:cut])  # one header, appended to
+            assert text.splitlines()[-1].startswith("peak memory")
+            stats = subprocess.run([sys.executable, str(REPO / "records" / "stats.py"), str(tmp_path / "p1.txt")],
+                                   capture_output=True, text=True, timeout=300)
+            assert stats.returncode == 0 and re.search(r"^runs: 1 ", stats.stdout, re.M), stats.stdout
+            assert f"{parse(full)[0][-1][1]:.4f}" in stats.stdout
+        else:  # another run id: a new log that says which run it continues
+            resumed = run_train(common + [f"--run_id=res{n}", f"--resume={runs / f'p{n}.step000005.pt'}",
+                                          f"--save_model={tmp_path / f'res{n}.pt'}"], nproc=n)
+            assert f"continues run p{n} from {runs / f'p{n}.step000005.pt'} at step 5" in resumed
+            assert (tmp_path / f"res{n}.txt").read_text().startswith((REPO / "train_gpt.py").read_text())
         vals_a, steps_a = parse(full)
         vals_b, steps_b = parse(resumed)
         assert [s for s, _ in steps_b] == [6, 7] and steps_b == steps_a[-2:]
@@ -203,6 +223,38 @@ def test_resumed_runs_end_bit_identical_to_uninterrupted_ones(process_runs, tmp_
         a, b = torch.load(runs / f"p{n}.pt")["model"], torch.load(tmp_path / f"res{n}.pt")["model"]
         for k in a:
             assert torch.equal(a[k], b[k]), (n, k)
+
+
+def test_two_nodes_on_one_machine_train_as_one_process(process_runs, tmp_path):
+    """run.sh's multi-node line, started twice as two torchrun agents (--nnodes=2, c10d
+    rendezvous on 127.0.0.1, one gloo process each): global rank 0 alone writes the log and
+    the checkpoints, rank 1 prints no step, and the result equals the one-process run's
+    bit for bit (RANK, not LOCAL_RANK, picks each process's data)."""
+    if shutil.which("bash") is None:
+        pytest.skip("bash missing")
+    outs, runs = process_runs
+    common = SHORT + ["--val_loss_every=4", f"--log_dir={tmp_path}", "--run_id=nodes", "--checkpoint_every=5",
+                      f"--save_model={tmp_path / 'nodes.pt'}"]
+    port = free_port()
+    node_env = {**env(1), "PYTHON": sys.executable, "NNODES": "2", "NPROC_PER_NODE": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+    dry = subprocess.run(["bash", str(REPO / "run.sh"), *common], cwd=REPO, capture_output=True, text=True,
+                         env={**node_env, "NODE_RANK": "0", "RUN_SH_DRY_RUN": "1"}, timeout=300)
+    command = dry.stdout.splitlines()[-1]
+    assert (f"-m torch.distributed.run --nnodes=2 --node_rank=0 --nproc_per_node=1 --rdzv_backend=c10d "
+            f"--rdzv_endpoint=127.0.0.1:{port} train_gpt.py --preset tiny") in command, dry.stdout
+    nodes = [subprocess.Popen(["bash", str(REPO / "run.sh"), *common], cwd=REPO, env={**node_env, "NODE_RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    results = [node.communicate(timeout=1800) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [out[-3000:] + err[-3000:] for out, err in results]
+    (out0, _), (out1, _) = results
+    assert parse(out0) == parse(outs[1]) and parse(out1) == ([], [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["nodes.pt", "nodes.step000005.pt", "nodes.step000007.pt",
+                                                          "nodes.txt"]
+    assert "run nodes: 2 process(es) x 4 micro-batches" in (tmp_path / "nodes.txt").read_text()
+    a, b = torch.load(runs / "p1.pt")["model"], torch.load(tmp_path / "nodes.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_resume_refuses_other_flags_or_process_counts(process_runs, tmp_path, capsys, monkeypatch):
@@ -225,7 +277,8 @@ def test_resume_refuses_other_flags_or_process_counts(process_runs, tmp_path, ca
         assert exit_info.value.code == 2 and all(w in err for w in words), err
     with pytest.raises(SystemExit):
         tg.main(SHORT + [f"--log_dir={tmp_path}/l", f"--resume={runs / 'p1.txt'}"])
-    assert "not a model saved by train_gpt.py" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "not a model saved by train_gpt.py" in err and "weights_only" not in err and len(err.splitlines()) == 1
 
 
 # --- end to end -------------------------------------------------------------------------
@@ -333,6 +386,12 @@ BAD_INPUTS = [
     (["--run_id=taken"], ["{t}/logs/taken.txt", "exists"]),
     (["--run_id=a/b"], ["--run_id=a/b"]),
     (["--num_layers=12"], ["--num_layers=12"]),
+    (["--num_heads=5"], ["--num_heads=5", "even"]),
+    (["--head_dim=18", "--model_dim=108"], ["--head_dim=18", "multiple of 4"]),
+    (["--model_dim=100"], ["--model_dim=100", "--num_heads x --head_dim = 6 x 16 = 96"]),
+    (["--num_scheduled_iteration=2"], ["--num_scheduled_iteration=2", "did you mean --num_scheduled_iterations?"]),
+    (["--resume=README.md"], ["README.md", "not a model saved by train_gpt.py"]),
+    (["--resume={t}"], ["is a folder"]),
 ]
 if not torch.cuda.is_available():
     BAD_INPUTS.append((["--device=cuda"], ["--device=cuda", "no usable CUDA GPU"]))
@@ -355,6 +414,7 @@ def test_bad_input_fails_in_one_line_before_training(flags, words, bad_inputs, c
     for w in words:
         assert w.replace("{t}", t) in lines[0], (w, lines[0])
     assert "step:" not in out
+    assert "weights_only" not in lines[0]
     assert sorted(p.name for p in (bad_inputs / "logs").iterdir()) == ["taken.txt"]
     assert (bad_inputs / "logs" / "taken.txt").read_text() == "an earlier run's log\n"
 

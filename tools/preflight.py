@@ -411,8 +411,10 @@ def _meta_like(v):
 def _custom_op_kernels(node, name, attention_pairs) -> list[Kernel]:
     """A train_gpt custom op: a declared hand-written kernel, or the kernels of its body."""
     vals = [_meta_like(a.meta["val"]) if isinstance(a, torch.fx.Node) else a for a in node.args]
-    names = [a.name for a in torch._library.custom_ops.OPDEFS[name]._opoverload._schema.arguments]
-    if "compiled" in names[:len(vals)]:  # the op's body as PyTorch ops, not through torch.compile
+    schema = torch._library.custom_ops.OPDEFS[name]._opoverload._schema.arguments
+    vals += [node.kwargs.get(a.name, a.default_value) for a in schema[len(vals):]]  # defaulted arguments
+    names = [a.name for a in schema]
+    if "compiled" in names:  # the op's body as PyTorch ops, not through torch.compile
         vals[names.index("compiled")] = False
     if name == "train_gpt::mtp_loss_grad_e5m2":  # hand-written: what its code moves per (T, V) element
         numel, partial = vals[0].numel(), vals[4]
@@ -682,6 +684,11 @@ def train_step_counting_optimizer(trainer, step: int, counted) -> None:
         trainer.opt.step = real_step
 
 
+def phase(what: str) -> None:
+    """One line as each phase starts (tracing takes minutes on a CPU)."""
+    print(f"preflight: {what} ...", flush=True)
+
+
 def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
     world_size = tg.VIRTUAL_RANKS
     recorder = GraphRecorder()
@@ -696,9 +703,12 @@ def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
         with preflight_environment(recorder, world_size) as cpu_batches:
             torch._dynamo.reset()
             torch._dynamo.config.cache_size_limit = 64
+            phase(f"building the model and optimizers on meta as rank 0 of {world_size}, with a GPU rank's plan")
             trainer = gpu_trainer(args, world_size)
             try:
+                phase(f"tracing the warm-up: {len(tg.warmup_steps(args))} steps and their validations")
                 trainer.warmup()
+                phase(f"tracing {len(steps)} steps of the timed run and the final validation")
                 recorder.phase = "timed run"
                 trainer.restart_data()
                 trainer.model.set_windows(*tg.windows_at(0, args))
@@ -792,6 +802,7 @@ def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
     T = max(args.train_batch_sizes) // world_size
     V = tg.next_multiple_of_n(args.vocab_size, 128)
     small_T, small_V = 96, 640  # inductor's CPU code at a small size; its buffers scale with (T, V)
+    phase("compiling the loss head with inductor at a small size, for its (T, V) buffers")
     for K in (3, 2, 1):
         fwd, bwd = loss_head_buffers(small_T, small_V, K)
         print(f"(T, V) buffers of the loss head with {K} prediction(s): backward {len(bwd)} "
@@ -799,10 +810,14 @@ def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
               f"each {T:,} x {V:,} at this size")
         if len(bwd) > 1 or "float32" in bwd:
             problems.append(f"the loss backward with {K} predictions writes {len(bwd)} (T, V) buffers ({bwd})")
-    print(f"{'stage':>6} {'FLOPs/step':>12} {'step ms':>8} {'MFU':>6}   (8 GPUs x 989 TFLOP/s bf16)")
+    print(f"{'stage':>6} {'FLOPs/step':>12} {'step ms':>8} {'MFU':>6}   (8 GPUs x 989 TFLOP/s bf16"
+          + ("; no step times at this size: give --step_ms" if step_ms is None else "") + ")")
     for k in range(3):
         s = next((s for s in per_step if s["stage"] == k), None)
         if s is None:
+            continue
+        if step_ms is None:  # the record's step times mean nothing at another size
+            print(f"{k + 1:>6} {s['flops']:>12.3e} {'n/a':>8} {'n/a':>6}")
             continue
         ms = step_ms[k]
         mfu = s["flops"] / (ms / 1000) / (world_size * bench.H100_BF16_FLOPS)
@@ -823,6 +838,7 @@ def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
         for line in _last_roofline_lines:
             print(line)
     if kernels:
+        phase("compiling one tiny micro-batch with inductor, for its kernel count (minutes)")
         fused, extern = fused_kernels_per_micro_batch(args)
         print(f"kernels per training micro-batch (inductor, CPU code, tiny size): {fused} fused + {extern} extern")
         if hasattr(tg, "normuon_apply_"):
@@ -870,8 +886,9 @@ def compare_roofline(script: str, rest: list[str]) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--step_ms", default=",".join(map(str, RECORD_STEP_MS)),
-                    help="ms per step of the three stages, for the MFU (default: the record's)")
+    ap.add_argument("--step_ms", default=None,
+                    help="ms per step of the three stages, for the MFU (default: the record's, for the record "
+                         "configuration; none at another --preset)")
     ap.add_argument("--kernels", action="store_true", help="also count inductor's fused kernels (slow)")
     ap.add_argument("--roofline", action="store_true",
                     help="also the loss head's (T, V) traffic and a modelled step time per stage (H100 SXM); "
@@ -880,9 +897,11 @@ def main(argv=None) -> int:
     known, rest = ap.parse_known_args(argv)
     try:
         args = tg.parse_args(rest)
-        step_ms = tuple(float(v) for v in known.step_ms.split(","))
-        if len(step_ms) != 3 or min(step_ms) <= 0:
-            raise tg.ConfigError(f"--step_ms={known.step_ms}: expected 3 positive numbers")
+        step_ms = RECORD_STEP_MS if args.preset == "record" else None
+        if known.step_ms is not None:
+            step_ms = tuple(float(v) for v in known.step_ms.split(","))
+            if len(step_ms) != 3 or min(step_ms) <= 0:
+                raise tg.ConfigError(f"--step_ms={known.step_ms}: expected 3 positive numbers")
     except (tg.ConfigError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

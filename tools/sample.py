@@ -62,6 +62,11 @@ def generate(model: tg.GPT, prompt_ids: list[int], max_tokens: int, temperature:
     return out
 
 
+def say(what: str) -> None:
+    """Progress on stderr, so that stdout holds only the text."""
+    print(what, file=sys.stderr, flush=True)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("checkpoint", help="a file written by --save_model or --checkpoint_every")
@@ -78,7 +83,9 @@ def main(argv=None) -> int:
         if args.max_tokens < 1 or args.temperature < 0 or args.top_k < 0:
             raise tg.ConfigError("--max_tokens must be >= 1, --temperature and --top_k >= 0")
         device = tg.resolve_device(args.device)
+        say(f"loading {Path(args.checkpoint).resolve()} on {device} ...")
         model = tg.load_model(args.checkpoint, device, attn_backend="auto")
+        say("building the GPT-2 tokenizer ...")
         fineweb = load_fineweb()
         try:
             enc = fineweb.get_encoding(args.vocab)
@@ -86,6 +93,7 @@ def main(argv=None) -> int:
         except Exception as e:
             raise tg.ConfigError(f"cannot build the GPT-2 tokenizer ({type(e).__name__}: {str(e).splitlines()[0]});"
                                  f" {fineweb.tokenizer_hint(args.vocab)}") from None
+        say(f"generating up to {args.max_tokens} tokens (temperature {args.temperature:g}, top_k {args.top_k}) ...")
         ids = generate(model, enc.encode_ordinary(args.prompt), args.max_tokens, args.temperature, args.top_k,
                        args.seed)
     except tg.ConfigError as e:

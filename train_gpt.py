@@ -283,23 +283,60 @@ except Exception:  # no Triton: the PyTorch fallback below is used everywhere
     triton = None
     tl = None
 
-# The Triton CPU interpreter must be chosen before triton is imported, so this is read once.
-# It has no driver (autotuning cannot benchmark there) and mishandles bf16 operands.
+# The Triton CPU interpreter (TRITON_INTERPRET=1: the tests, and tools/selfcheck.py on a
+# CPU) runs the same kernels. It differs from a GPU in three ways, and the launchers (and
+# _autotuned) handle each, so that no kernel has a branch for it:
+# - no driver: autotuning cannot time configs, so each kernel family runs one fixed config
+#   there (INTERPRETER_META);
+# - its tl.dot is exact on fp32 operands only (bf16 and e4m3 ones give wrong results): the
+#   launchers hand it fp32 copies of the operands (interpreter_operands);
+# - its conversions to bf16 and e5m2 do not round to nearest: outputs the GPU writes in
+#   e5m2 or bf16 are written in fp32 there, and torch rounds them (to nearest, as the GPU
+#   does); the one rounding inside a kernel (the one-pass head's logits) is _round_bf16,
+#   integer operations that round to nearest on both.
+# The interpreter must be chosen before triton is imported, so this is read once.
 _TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_INTERPRET_META = dict(BLOCK_M=32, BLOCK_K=32)  # the one fixed config used when interpreting
+INTERPRETER_META = dict(  # the one config of each kernel family under the interpreter
+    sym=dict(BLOCK_M=32, BLOCK_K=32),
+    loss=dict(BLOCK_T=8, BLOCK_V=64),
+    logits=dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=4),
+    mlp=dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4),
+)
+
+
+def interpreter_meta(family: str) -> dict:
+    """Launch meta-parameters of a kernel family: the interpreter's fixed config, or none
+    (the GPU's autotuner or the family's own config decides)."""
+    return INTERPRETER_META[family] if _TRITON_INTERPRET else {}
+
+
+def interpreter_operands(*tensors: Tensor) -> tuple:
+    """The operands as a kernel gets them: themselves on a GPU, fp32 copies under the
+    interpreter (its tl.dot is exact on fp32 only)."""
+    return tuple(t.float() for t in tensors) if _TRITON_INTERPRET else tensors
+
+
+def interpreter_output(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a kernel writes an output of `dtype` in: fp32 under the interpreter, whose
+    bf16 / e5m2 conversions do not round to nearest (torch rounds the fp32 result after)."""
+    return torch.float32 if _TRITON_INTERPRET else dtype
+
 
 if triton is not None:
 
-    def _sym_autotune(kernel):
-        if _TRITON_INTERPRET:
-            return kernel
-        configs = [
-            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for bm, bk, w, s in [
-                (128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3),
-            ]
-        ]
-        return triton.autotune(configs=configs, key=["M", "K"])(kernel)
+    def _autotuned(tiles, key, names=("BLOCK_M", "BLOCK_N", "BLOCK_K")):
+        """triton.autotune over `tiles` ((block sizes..., num_warps, num_stages) each) per
+        `key`; under the interpreter the kernel as it is (its launcher passes one config)."""
+        def wrap(kernel):
+            if _TRITON_INTERPRET:
+                return kernel
+            configs = [triton.Config({**dict(zip(names, t[:-2])), **({"GROUP_M": 8} if "BLOCK_N" in names else {})},
+                                     num_warps=t[-2], num_stages=t[-1]) for t in tiles]
+            return triton.autotune(configs=configs, key=key)(kernel)
+        return wrap
+
+    _sym_autotune = _autotuned([(128, 64, 8, 3), (128, 64, 4, 4), (128, 32, 4, 4), (64, 64, 4, 4), (64, 128, 4, 3)],
+                               key=["M", "K"], names=("BLOCK_M", "BLOCK_K"))
 
     @triton.jit
     def _sym_tile_ids(M, BLOCK_M: tl.constexpr):
@@ -318,9 +355,9 @@ if triton is not None:
 
     @triton.jit
     def _tile_matmul(X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, offs_m, offs_n,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         """The (BLOCK_M, BLOCK_N) tile of X @ W^T at rows offs_m, columns offs_n, in fp32; X (M, K),
-        W (N, K). UPCAST (the interpreter): operands as fp32, whose dot is exact there."""
+        W (N, K)."""
         offs_k = tl.arange(0, BLOCK_K)
         x_ptrs = X + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :] * stride_xk
         w_ptrs = W + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk  # W^T tile
@@ -329,9 +366,6 @@ if triton is not None:
             k_ok = offs_k < K - k0
             a = tl.load(x_ptrs, mask=(offs_m[:, None] < M) & k_ok[None, :], other=0.0)
             b = tl.load(w_ptrs, mask=k_ok[:, None] & (offs_n[None, :] < N), other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
             acc = tl.dot(a, b, acc)
             x_ptrs += BLOCK_K * stride_xk
             w_ptrs += BLOCK_K * stride_wk
@@ -339,13 +373,13 @@ if triton is not None:
 
     @triton.jit
     def _sym_tile_rows_dot(A, M, K, stride_am, stride_ak, pid_m, pid_n,
-                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                           BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         """fp32 tile (rows pid_m, cols pid_n) of A @ A^T, A being an (M, K) matrix: _tile_matmul
         with W = A."""
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
         return _tile_matmul(A, A, M, M, K, stride_am, stride_ak, stride_am, stride_ak, offs_m, offs_n,
-                            BLOCK_M, BLOCK_M, BLOCK_K, UPCAST)
+                            BLOCK_M, BLOCK_M, BLOCK_K)
 
     @triton.jit
     def _sym_tile_store(C, acc, M, stride_cm, stride_cn, pid_m, pid_n, BLOCK_M: tl.constexpr):
@@ -362,26 +396,26 @@ if triton is not None:
     @_sym_autotune
     @triton.jit
     def _xxt_kernel(A, C, M, K, stride_ab, stride_am, stride_ak, stride_cb, stride_cm, stride_cn,
-                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         batch, pid_m, pid_n = _sym_tile_ids(M, BLOCK_M)
         if pid_n > pid_m:  # upper triangle: written by the mirrored tile
             return
         A += batch * stride_ab
         C += batch * stride_cb
-        acc = _sym_tile_rows_dot(A, M, K, stride_am, stride_ak, pid_m, pid_n, BLOCK_M, BLOCK_K, UPCAST)
+        acc = _sym_tile_rows_dot(A, M, K, stride_am, stride_ak, pid_m, pid_n, BLOCK_M, BLOCK_K)
         _sym_tile_store(C, acc, M, stride_cm, stride_cn, pid_m, pid_n, BLOCK_M)
 
     @_sym_autotune
     @triton.jit
     def _ba_plus_caa_kernel(A, C, M, K, stride_ab, stride_am, stride_ak, stride_cb, stride_cm, stride_cn,
                             coef_b, coef_c,
-                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                            BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
         batch, pid_m, pid_n = _sym_tile_ids(M, BLOCK_M)
         if pid_n > pid_m:
             return
         A += batch * stride_ab
         C += batch * stride_cb
-        acc = _sym_tile_rows_dot(A, M, K, stride_am, stride_ak, pid_m, pid_n, BLOCK_M, BLOCK_K, UPCAST)
+        acc = _sym_tile_rows_dot(A, M, K, stride_am, stride_ak, pid_m, pid_n, BLOCK_M, BLOCK_K)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_M + tl.arange(0, BLOCK_M)
         a_tile = tl.load(A + offs_m[:, None] * stride_am + offs_n[None, :] * stride_ak,
@@ -395,11 +429,15 @@ def _as_batched(t: Tensor) -> Tensor:
 
 
 def _launch_sym(kernel, A: Tensor, out: Tensor, *scalars) -> Tensor:
-    A3, C3 = _as_batched(A), _as_batched(out)
+    """The symmetric kernels' launcher (the interpreter's operands and output: see above)."""
+    A3, = interpreter_operands(_as_batched(A))
+    C3 = _as_batched(out)
+    C3k = C3 if C3.dtype == interpreter_output(C3.dtype) else torch.empty_like(C3, dtype=torch.float32)
     batch, M, K = A3.shape
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) ** 2, batch)  # noqa: E731
-    meta = _INTERPRET_META if _TRITON_INTERPRET else {}
-    kernel[grid](A3, C3, M, K, *A3.stride(), *C3.stride(), *scalars, UPCAST=_TRITON_INTERPRET, **meta)
+    kernel[grid](A3, C3k, M, K, *A3.stride(), *C3k.stride(), *scalars, **interpreter_meta("sym"))
+    if C3k is not C3:
+        C3.copy_(C3k)
     return out
 
 
@@ -649,20 +687,17 @@ FUSED_LOSS_MAX_K = 3  # multi-token predictions the kernel handles (the weights 
 FUSED_LOSS_PATHS = ("one pass", "two passes")  # the fused forms, in the order --fused_loss=on prefers
 LSE_COLUMNS = 64  # the one-pass matmul's partial sums: one per row and per 64 columns
 _FUSED_LOSS_META = dict(BLOCK_T=16, BLOCK_V=256, num_warps=8)
-_FUSED_LOSS_INTERPRET_META = dict(BLOCK_T=8, BLOCK_V=64)
-_FP8_LOGITS_INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=128, BLOCK_K=32, GROUP_M=4)
 
 if triton is not None:
 
     @triton.jit
     def _mtp_loss_grad_kernel(logits, targets, weights, partial, loss_out, g_out, gt_out, scale_ptr, T, V, P,
-                              BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, LSE_GIVEN: tl.constexpr,
-                              TO_E5M2: tl.constexpr):
+                              BLOCK_T: tl.constexpr, BLOCK_V: tl.constexpr, LSE_GIVEN: tl.constexpr):
         """Rows [pid*BLOCK_T, +BLOCK_T): loss_out[t] = W_t lse_t - sum_k w_k z[t, target_{t+k}]
         and g[t, v] = (W_t softmax(z)[v] - sum_k w_k [v == target_{t+k}]) softcap'(l[t, v])
-        * scale, with z = softcap(l) and W_t = sum_k w_k [t + k < T]; g in e5m2 at g_out
-        (T, V) and gt_out (V, T) (TO_E5M2=False: fp32 there, for the interpreter, whose
-        e5m2 conversion does not round to nearest). LSE_GIVEN: sum_v exp(z) of row t is the
+        * scale, with z = softcap(l) and W_t = sum_k w_k [t + k < T]; g at g_out (T, V) and
+        gt_out (V, T), rounded to their dtype (e5m2: to nearest, cvt.rn.satfinite on sm90).
+        LSE_GIVEN: sum_v exp(z) of row t is the
         sum of partial[t, :P] (the one-pass matmul's); else a first pass over the row."""
         rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
         row_ok = rows < T
@@ -708,47 +743,38 @@ if triton is not None:
             dz = W[:, None] * tl.exp(z - lse[:, None])
             dz = dz - tl.where(hit0, w0[:, None], 0.0) - tl.where(hit1, w1[:, None], 0.0) \
                 - tl.where(hit2, w2[:, None], 0.0)
-            g = dz * (23.0 / 7.5) * s * (1.0 - s) * scale
-            if TO_E5M2:
-                g = g.to(tl.float8e5)  # round to nearest (cvt.rn.satfinite on sm90)
+            g = (dz * (23.0 / 7.5) * s * (1.0 - s) * scale).to(g_out.dtype.element_ty)
             tl.store(g_out + rows64[:, None] * V + cols[None, :], g, mask=ok)
             tl.store(gt_out + cols[None, :].to(tl.int64) * T + rows64[:, None], g, mask=ok)
         tl.store(loss_out + rows, W * lse - picked, mask=row_ok)
 
     def _matmul_autotune(tiles):
-        """triton.autotune over the (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) in
-        `tiles`, per (M, N, K); the interpreter runs the kernel with one fixed config instead."""
-        def wrap(kernel):
-            if _TRITON_INTERPRET:
-                return kernel
-            configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8}, num_warps=w,
-                                     num_stages=s) for bm, bn, bk, w, s in tiles]
-            return triton.autotune(configs=configs, key=["M", "N", "K"])(kernel)
-        return wrap
+        """_autotuned over (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) tiles, per (M, N, K)."""
+        return _autotuned(tiles, key=["M", "N", "K"])
+
+    @triton.jit
+    def _round_bf16(y):
+        """fp32 y rounded to the nearest bf16 (ties to even), as fp32: cvt.rn.bf16.f32 on a
+        GPU, written as integer operations that the CPU interpreter also rounds to nearest."""
+        bits = y.to(tl.uint32, bitcast=True)
+        return ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
 
     @_matmul_autotune([(128, 256, 128, 8, 3), (128, 128, 128, 8, 4), (128, 128, 128, 4, 4), (64, 256, 128, 8, 4),
                        (128, 256, 64, 8, 4)])  # FP8 operands: K tiles of 128 bytes
     @triton.jit
     def _fp8_logits_kernel(X, W, OUT, PARTIAL, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, scale,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, LSE_COLS: tl.constexpr, UPCAST: tl.constexpr,
-                           EMULATE_BF16: tl.constexpr):
+                           GROUP_M: tl.constexpr, LSE_COLS: tl.constexpr):
         """OUT = bf16(X @ W^T * scale), X (M, K) and W (N, K) in e4m3, and in its epilogue the
         first half of the loss: PARTIAL[m, j] = sum of exp(softcap(OUT[m, n])) over the
         LSE_COLS columns n of block j, from the rounded bf16 values (what the loss kernel
-        reads back). EMULATE_BF16 (the interpreter, whose bf16 cast does not round to
-        nearest): the rounding done on the fp32 bits, OUT fp32."""
+        reads back)."""
         pid_m, pid_n = _grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _tile_matmul(X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, offs_m, offs_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
-        y = acc * scale
-        if EMULATE_BF16:
-            bits = y.to(tl.uint32, bitcast=True)
-            y = ((bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000).to(tl.float32, bitcast=True)
-        else:
-            y = y.to(tl.bfloat16).to(tl.float32)
+                           BLOCK_M, BLOCK_N, BLOCK_K)
+        y = _round_bf16(acc * scale)
         ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(OUT + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], y.to(OUT.dtype.element_ty), mask=ok)
         e = tl.where(ok, tl.exp(23.0 * tl.sigmoid((y + 5.0) / 7.5)), 0.0)
@@ -775,15 +801,15 @@ def mtp_loss_grad_e5m2(logits: Tensor, targets: Tensor, weights: Tensor, scale: 
     w = torch.zeros(FUSED_LOSS_MAX_K, dtype=torch.float32, device=logits.device)
     w[:weights.numel()] = weights
     loss = torch.empty(T, dtype=torch.float32, device=logits.device)
-    # the interpreter mishandles bf16 and rounds e5m2 wrongly: it gets fp32 in and out, and
-    # torch rounds its gradient to e5m2 (to nearest, as the GPU's conversion)
-    out_dtype = torch.float32 if _TRITON_INTERPRET else torch.float8_e5m2
+    # the interpreter's operands and outputs: see the top of the kernels section
+    out_dtype = interpreter_output(torch.float8_e5m2)
     g = torch.empty(T, V, dtype=out_dtype, device=logits.device)
     gt = torch.empty(V, T, dtype=out_dtype, device=logits.device)
-    meta = _FUSED_LOSS_INTERPRET_META if _TRITON_INTERPRET else _FUSED_LOSS_META
+    meta = interpreter_meta("loss") or _FUSED_LOSS_META
+    logits, = interpreter_operands(logits)
     _mtp_loss_grad_kernel[(triton.cdiv(T, meta["BLOCK_T"]),)](
-        logits.float() if _TRITON_INTERPRET else logits, targets, w, partial, loss, g, gt, scale, T, V,
-        partial.size(1), LSE_GIVEN=partial.size(1) > 0, TO_E5M2=not _TRITON_INTERPRET, **meta)
+        logits, targets, w, partial, loss, g, gt, scale, T, V, partial.size(1), LSE_GIVEN=partial.size(1) > 0,
+        **meta)
     return loss, g.to(torch.float8_e5m2), gt.to(torch.float8_e5m2)
 
 
@@ -800,13 +826,12 @@ def fp8_logits_lse(x_f8: Tensor, w_f8: Tensor) -> tuple[Tensor, Tensor]:
     sums of exp(softcap(logits)) per 64 columns) from x (T, d) and w (V, d) in e4m3."""
     T, d = x_f8.shape
     V = w_f8.size(0)
-    out = torch.empty(T, V, dtype=torch.float32 if _TRITON_INTERPRET else torch.bfloat16, device=x_f8.device)
+    out = torch.empty(T, V, dtype=interpreter_output(torch.bfloat16), device=x_f8.device)
     partial = torch.empty(T, triton.cdiv(V, LSE_COLUMNS), dtype=torch.float32, device=x_f8.device)
-    meta = _FP8_LOGITS_INTERPRET_META if _TRITON_INTERPRET else {}
     grid = lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(V, m["BLOCK_N"]),)  # noqa: E731
-    _fp8_logits_kernel[grid](x_f8, w_f8, out, partial, T, V, d, *x_f8.stride(), *w_f8.stride(),
-                             FP8_X_SCALE * FP8_W_SCALE, LSE_COLS=LSE_COLUMNS, UPCAST=_TRITON_INTERPRET,
-                             EMULATE_BF16=_TRITON_INTERPRET, **meta)
+    x, w = interpreter_operands(x_f8, w_f8)  # e4m3 values are exact in fp32
+    _fp8_logits_kernel[grid](x, w, out, partial, T, V, d, *x.stride(), *w.stride(), FP8_X_SCALE * FP8_W_SCALE,
+                             LSE_COLS=LSE_COLUMNS, **interpreter_meta("logits"))
     return out.to(torch.bfloat16), partial  # exact: the interpreter's fp32 values are bf16 ones
 
 
@@ -906,8 +931,6 @@ def fused_loss_head(x: Tensor, w: Tensor, targets: Tensor, weights: Tensor, grad
 # pre-activation is never stored: h is the one (T, 4d) tensor kept. The weight and input
 # gradients stay cuBLAS matmuls. Same math up to rounding: the pre-activation and dh are
 # not rounded to bf16 before the epilogue, and relu(pre) comes from the bf16 h.
-_MLP_INTERPRET_META = dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=4)
-
 if triton is not None:
 
     @_matmul_autotune([(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
@@ -915,7 +938,7 @@ if triton is not None:
     @triton.jit
     def _mlp_matmul_kernel(X, W, H, OUT, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, stride_om, stride_on,
                            BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                           GROUP_M: tl.constexpr, BACKWARD: tl.constexpr, UPCAST: tl.constexpr):
+                           GROUP_M: tl.constexpr, BACKWARD: tl.constexpr):
         """acc = X @ W^T for X (M, K), W (N, K) in fp32 (2a's tile helpers). Forward:
         OUT = relu(acc)^2. Backward (H the forward's output, same strides as OUT):
         OUT = acc * 2 sqrt(H)."""
@@ -923,7 +946,7 @@ if triton is not None:
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _tile_matmul(X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, offs_m, offs_n,
-                           BLOCK_M, BLOCK_N, BLOCK_K, UPCAST)
+                           BLOCK_M, BLOCK_N, BLOCK_K)
         ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         out_offs = offs_m[:, None].to(tl.int64) * stride_om + offs_n[None, :] * stride_on
         if BACKWARD:
@@ -939,12 +962,13 @@ def _mlp_matmul(x: Tensor, w: Tensor, h: Tensor | None = None) -> Tensor:
     """relu(x @ w^T)^2 (h None), or (x @ w^T) * 2 sqrt(h): one Triton matmul, x (M, K), w (N, K)."""
     M, K = x.shape
     N = w.size(0)
-    out = x.new_empty(M, N)
-    meta = _MLP_INTERPRET_META if _TRITON_INTERPRET else {}
+    dtype = x.dtype
+    out = x.new_empty(M, N, dtype=interpreter_output(dtype))
+    x, w, *h = interpreter_operands(x, w, *([] if h is None else [h]))  # see the top of the kernels section
     grid = lambda m: (triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]),)  # noqa: E731
-    _mlp_matmul_kernel[grid](x, w, out if h is None else h, out, M, N, K, *x.stride(), *w.stride(), *out.stride(),
-                             BACKWARD=h is not None, UPCAST=_TRITON_INTERPRET, **meta)
-    return out
+    _mlp_matmul_kernel[grid](x, w, h[0] if h else out, out, M, N, K, *x.stride(), *w.stride(), *out.stride(),
+                             BACKWARD=bool(h), **interpreter_meta("mlp"))
+    return out.to(dtype)
 
 
 @torch.library.custom_op("train_gpt::mlp_up_relu2", mutates_args=())
@@ -1945,25 +1969,58 @@ class GradSums:
     grows about 10x per step). fp32 sums shrink that noise. float64 sums of up to 16 bf16
     (fp32) gradients are exact unless their magnitudes spread over more than about 2^41
     (2^25), so every split, i.e. any world size, gives the same bits.
-    The hooks are registered at construction, so they run before hooks registered later
-    (DistAdam's sync hooks read the finished sum). cast_first (the CPU plan): each gradient is
-    cast into a scratch buffer before the add, as a mixed-dtype add_ is not vectorized there
-    (~4x slower); the sum is the same.
+    The gradient path is one protocol, owned here: each parameter has one post-accumulate-
+    grad hook, this object's. It adds the micro-batch's gradient into the sum and then, in
+    the step's final micro-batch (`with micro_batch(final=True)`), hands the finished sum to
+    the parameter's listener (when_final: DistAdam starts its collective there). So a
+    listener always reads a finished sum, whatever order hooks were registered in.
+    cast_first (the CPU plan): each gradient is cast into a scratch buffer before the add, as
+    a mixed-dtype add_ is not vectorized there (~4x slower); the sum is the same.
     """
 
     def __init__(self, params: list[Tensor], dtype: torch.dtype | None = None, cast_first: bool = False):
         self.dtype = dtype
         self.buffers: dict[Tensor, Tensor] = {}
         self.filled: dict[Tensor, bool] = {}
+        self.listeners: dict[Tensor, Callable] = {}
+        self.final = False
+        self._hooked: set[Tensor] = set()
+        self.scratch = None
         if dtype is None:
             return
         for p in params:
             if p.dtype != dtype:
                 self.buffers[p] = torch.zeros(p.shape, dtype=dtype, device=p.device)
                 self.filled[p] = False
-                p.register_post_accumulate_grad_hook(self._add)
+                self._hook(p)
         sizes = [b.numel() for b in self.buffers.values()]
         self.scratch = torch.empty(max(sizes), dtype=dtype) if cast_first and sizes else None
+
+    def _hook(self, p: Tensor) -> None:
+        if p not in self._hooked:
+            p.register_post_accumulate_grad_hook(self._on_grad)
+            self._hooked.add(p)
+
+    def _on_grad(self, p: Tensor) -> None:
+        if p in self.buffers:
+            self._add(p)
+        if self.final and p in self.listeners:
+            self.listeners[p](p)
+
+    def when_final(self, p: Tensor, listener: Callable) -> None:
+        """listener(p) gets p's finished sum in the step's final micro-batch (see micro_batch)."""
+        self.listeners[p] = listener
+        self._hook(p)
+
+    @contextlib.contextmanager
+    def micro_batch(self, final: bool):
+        """One micro-batch's backward; final: the last before the optimizers read the sums,
+        where each listener is handed its finished sum as autograd produces it."""
+        self.final = final
+        try:
+            yield
+        finally:
+            self.final = False
 
     def _add(self, p: Tensor) -> None:
         buf = self.buffers[p]
@@ -2152,8 +2209,9 @@ class _AdamSlot:
 class DistAdam:
     """Adam with bias correction and cautious decay (ALGORITHM.md 3.8), per-label hyperparameters.
 
-    With world_size > 1, gradients are averaged by collectives started in post-accumulate-grad
-    hooks while `armed` (else at step time): tensors of < 1024 elements or whose dim 0 is not
+    With world_size > 1, gradients are averaged by collectives that GradSums starts as each
+    finished sum arrives in a step's final micro-batch (Optimizers.micro_batch; else at step
+    time): tensors of < 1024 elements or whose dim 0 is not
     divisible by world_size are all-reduced and updated in full on every rank; larger ones are
     reduce-scattered along dim 0, updated shard-wise (sharded state) and all-gathered.
     """
@@ -2164,7 +2222,6 @@ class DistAdam:
         self._update_fn = maybe_compile(adam_update, compile)
         self.grads = grads or GradSums([])
         self.rank, self.world_size = rank, world_size
-        self.armed = False
         self.slots: list[_AdamSlot] = []
         self._launched: list[_AdamSlot] = []
         for p, label in zip(params, labels, strict=True):
@@ -2176,16 +2233,12 @@ class DistAdam:
                              torch.zeros(shape, dtype=torch.float32, device=p.device))
             self.slots.append(slot)
             if world_size > 1:
-                p.register_post_accumulate_grad_hook(lambda _p, slot=slot: self._on_grad(slot))
-
-    def _on_grad(self, slot: _AdamSlot) -> None:
-        if self.armed:
-            self._launch_sync(slot)
+                self.grads.when_final(p, lambda _p, slot=slot: self._launch_sync(slot))
 
     def _launch_sync(self, slot: _AdamSlot) -> None:
         if slot.pending is not None:
             raise RuntimeError(f"Adam gradient of a '{slot.label}' parameter was synchronized twice "
-                               "in one step: arm the sync only for the last micro-batch of an Adam step")
+                               "in one step: only the last micro-batch of an Adam step is final")
         grad = self.grads.get(slot.param)
         if slot.sharded:
             shard = grad.new_empty(slot.m.shape)
@@ -2202,7 +2255,7 @@ class DistAdam:
     def step(self, lr: float) -> list:
         """One Adam update of every parameter that has a gradient; returns the pending
         all-gather work handles (wait on them before the parameters are used)."""
-        if self.world_size > 1:  # gradients whose sync was not started by an armed hook
+        if self.world_size > 1:  # gradients whose sync was not started in the final micro-batch
             for slot in self.slots:
                 if slot.pending is None and self.grads.get(slot.param) is not None:
                     self._launch_sync(slot)
@@ -2259,9 +2312,8 @@ class DistAdam:
 class Optimizers:
     """NorMuon + Adam, as the training loop drives them.
 
-    Per step: call arm_adam_sync(True) right before the backward of the last micro-batch of an
-    Adam (odd) step and arm_adam_sync(False) before every other backward; then
-    step(lr_multiplier, momentum, adam_step). The micro-batches' gradients are summed (NOT
+    Per step: run each micro-batch's backward inside `with micro_batch(last=..., adam_step=...)`,
+    then step(lr_multiplier, momentum, adam_step). The micro-batches' gradients are summed (NOT
     averaged over ranks: step() does that) in p.grad or in buffers of args.grad_sum_dtype
     (see grad_sum_dtype and GradSums).
     """
@@ -2299,9 +2351,11 @@ class Optimizers:
         """Every optimized parameter: NorMuon's, then Adam's (the index order of pending_grads)."""
         return self.muon.params + [s.param for s in self.adam.slots]
 
-    def arm_adam_sync(self, flag: bool) -> None:
-        """Let the Adam gradient hooks start their collectives during the next backward."""
-        self.adam.armed = bool(flag) and self.world_size > 1
+    def micro_batch(self, last: bool, adam_step: bool):
+        """The context of one micro-batch's backward. In the last micro-batch of an Adam
+        (odd) step with several processes, each Adam gradient's collective starts as soon as
+        its sum is finished, overlapping the rest of the backward (GradSums.micro_batch)."""
+        return self.grads.micro_batch(final=last and adam_step and self.world_size > 1)
 
     @torch.no_grad()
     def step(self, lr_multiplier: float, momentum: float, adam_step: bool) -> None:
@@ -2312,7 +2366,6 @@ class Optimizers:
         self.muon.finish(pending, self.args.muon_lr * lr_multiplier, momentum)
         for work in gathers:
             work.wait()
-        self.adam.armed = False
 
     @torch.no_grad()
     def split_embed(self) -> None:
@@ -2343,7 +2396,6 @@ class Optimizers:
         even step leaves for the next step), as a restored state has none pending."""
         self.muon.load_state_dict(state["muon"])
         self.adam.load_state_dict(state["adam"])
-        self.adam.armed = False
         for p in self.params:
             self.grads.clear(p)
 
@@ -2918,6 +2970,24 @@ HEADER_INTS = 256
 
 class DataError(RuntimeError):
     """Training or validation data that cannot be used (ran out, bad token ids): one line."""
+
+
+def write_shard(path, tokens) -> None:
+    """Writes tokens (any integer array-like, values in [0, 65536)) as one shard file, in the
+    format above; written to a temporary file, then renamed (no half-written shard)."""
+    import numpy as np
+
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
+        raise ValueError(f"{path}: token ids must be in [0, 65536)")
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype("<u2").tobytes())
+    os.replace(tmp, path)
 
 
 def shard_token_count(path) -> int:
@@ -3573,7 +3643,8 @@ def load_model(path, device="cpu", attn_backend: str = "auto", log=None) -> GPT:
 
 
 def write_checkpoint(folder: Path, run_id: str, step: int, train_ms: float, model: GPT, opt: Optimizers,
-                     data_position: tuple, rank: int, world_size: int, plan: RunPlan) -> Path | None:
+                     data_position: tuple, rank: int, world_size: int, plan: RunPlan,
+                     stop: RunStop | None = None) -> Path | None:
     """Writes folder/<run_id>.stepNNNNNN.pt on every rank's behalf (rank 0 writes; returns
     its path, None on other ranks): the model, every rank's optimizer state and pending
     gradients, the step, the data position, the train time and the RNG; keeps the last two.
@@ -3587,8 +3658,8 @@ def write_checkpoint(folder: Path, run_id: str, step: int, train_ms: float, mode
         torch.save(mine, buf)
         gathered = [None] * world_size if rank == 0 else None
         dist.gather_object(buf.getvalue(), gathered, dst=0)
-        if _STOP["requested"]:
-            _peers_done()  # what is left of this stop is rank 0's own file write
+        if stop is not None and stop.requested:
+            stop.no_peers_needed()  # what is left of this stop is rank 0's own file write
         if rank != 0:
             return None
         ranks = [torch.load(io.BytesIO(b)) for b in gathered]
@@ -3644,53 +3715,109 @@ def evaluate(forward, model: nn.Module, args: Hyperparameters, rank: int = 0, wo
     return total.item()
 
 
-# Ctrl-C / SIGTERM during the training loop: the step in progress finishes, then the loop
-# stops (with a checkpoint when checkpointing is on); elsewhere, or at a second signal, at once.
-# With several processes a stop must not wait for a peer that is gone: torchrun sends
-# SIGTERM to the survivors when a worker dies, and on GPUs a collective with a dead peer may
-# block instead of raising. A main thread blocked there never runs _on_stop_signal (Python
-# runs handlers between bytecodes), so watch_stop_signals' thread hears the signal instead,
-# and ends the process if the stop's collectives are not done STOP_GRACE_S seconds later.
-STOP_GRACE_S = 10.0
-_STOP = {"in_loop": False, "requested": False, "peers_done": threading.Event()}
+STOP_GRACE_S = 10.0  # how long a stop waits for its collectives before it ends the process
 
 
-def _on_stop_signal(signum, frame):
-    if _STOP["in_loop"] and not _STOP["requested"]:
-        _STOP["requested"] = True
-        return
-    raise KeyboardInterrupt
+class RunStop:
+    """How a run ends before its last step, in one object that main() makes and the Trainer
+    holds: the signals, a peer that is gone, the hang watcher, the exit code and the log's
+    last line.
 
+    Ctrl-C / SIGTERM inside the training loop (`with loop()`): the step in progress finishes,
+    then the loop stops (with a checkpoint when checkpointing is on); elsewhere, or at a
+    second signal, at once (KeyboardInterrupt). With several processes a stop must not wait
+    for a peer that is gone: torchrun sends SIGTERM to the survivors when a worker dies, and
+    on GPUs a collective with a dead peer may block instead of raising. A main thread
+    blocked there never runs the signal handler (Python runs handlers between bytecodes), so
+    watch()'s thread hears the signal instead, and ends the process if the stop's
+    collectives are not done STOP_GRACE_S seconds later."""
 
-def watch_stop_signals(on_hang) -> None:
-    """Call from the main thread after the signal handlers are set. A thread reads the
-    signal numbers that the C-level handler writes to the wakeup fd (even while the main
-    thread is blocked) and, after the first, calls on_hang(signal name) unless the stop's
-    collectives finish within STOP_GRACE_S (see _peers_done)."""
-    import signal
-    r, w = os.pipe()
-    os.set_blocking(w, False)
-    signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    def __init__(self):
+        self.in_loop = False
+        self.requested = False
+        self.peers_done = threading.Event()
 
-    def watch():
-        signum = os.read(r, 1)[0]
-        if not _STOP["peers_done"].wait(STOP_GRACE_S):
-            on_hang(signal.Signals(signum).name)
+    def install(self) -> None:
+        """Ctrl-C and SIGTERM go to this object (call from the main thread)."""
+        import signal
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
 
-    threading.Thread(target=watch, name="stop-watch", daemon=True).start()
+    def _on_signal(self, signum, frame):
+        if self.in_loop and not self.requested:
+            self.requested = True
+            return
+        raise KeyboardInterrupt
 
+    @contextlib.contextmanager
+    def loop(self):
+        """The training loop: a signal inside asks for a stop after the step in progress."""
+        self.in_loop = True
+        try:
+            yield
+        finally:
+            self.in_loop = False
 
-def _peers_done() -> None:
-    """The stop needs no other process any more (what is left is local): no hang to catch."""
-    _STOP["peers_done"].set()
+    def agreed(self, world_size: int, device, checked: bool, every: int) -> bool:
+        """Whether a stop was asked for on any rank: all ranks stop after the same step. With
+        a loss read every `every` > 1 steps (GPUs) the ranks agree only on steps whose loss
+        was read (checked: the GPU has been waited for anyway), so other steps need no sync."""
+        if world_size == 1:
+            return self.requested
+        if every > 1 and not checked:
+            return False
+        flag = torch.tensor(float(self.requested), device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
+    def no_peers_needed(self) -> None:
+        """What is left of this stop is local (rank 0's own file write): no hang to catch."""
+        self.peers_done.set()
 
-def peer_failure(e: BaseException) -> bool:
-    """Whether a collective raised because another process is gone (gloo: the connection
-    was reset or closed; NCCL: a distributed backend error)."""
-    import re
-    return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(
-        r"gloo|nccl|connection (reset|closed|refused)|broken pipe", str(e), re.IGNORECASE) is not None)
+    def watch(self, on_hang) -> None:
+        """After install(): a thread reads the signal numbers that the C-level handler writes
+        to the wakeup fd (even while the main thread is blocked) and, after the first, calls
+        on_hang(signal name) unless the stop's collectives finish within STOP_GRACE_S."""
+        import signal
+        r, w = os.pipe()
+        os.set_blocking(w, False)
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+        def watch():
+            signum = os.read(r, 1)[0]
+            if not self.peers_done.wait(STOP_GRACE_S):
+                on_hang(signal.Signals(signum).name)
+
+        threading.Thread(target=watch, name="stop-watch", daemon=True).start()
+
+    @staticmethod
+    def peer_failure(e: BaseException) -> bool:
+        """Whether a collective raised because another process is gone (gloo: the connection
+        was reset or closed; NCCL: a distributed backend error)."""
+        import re
+        return isinstance(e, dist.DistError) or (isinstance(e, RuntimeError) and re.search(
+            r"gloo|nccl|connection (reset|closed|refused)|broken pipe", str(e), re.IGNORECASE) is not None)
+
+    @staticmethod
+    def hard_stop(log, message: str) -> None:
+        """Ends the process at once from any thread (the main one may be blocked in a
+        collective): `message` as the log's last line and on stderr, exit code 2."""
+        print(message, file=sys.stderr, flush=True)
+        if log is not None and log.path is not None:
+            with contextlib.suppress(Exception):
+                log(message, console=False)
+        os._exit(2)
+
+    @staticmethod
+    def last_line(log, message: str, code: int) -> None:
+        """Ends the run: `message` as the log's last line (when one is open) and on stderr."""
+        print(message, file=sys.stderr, flush=True)
+        if log is not None and log.path is not None:
+            try:
+                log(message, console=False)
+            except ConfigError:
+                pass  # the log itself failed; stderr has the message
+        sys.exit(code)
 
 
 class TrainClock:
@@ -3718,9 +3845,11 @@ class Trainer:
     """One run: the model, its compiled form, the optimizers and the training stream; the
     steps, the warm-up and the timed loop."""
 
-    def __init__(self, args: Hyperparameters, rank: int, world_size: int, plan, log: Logger):
+    def __init__(self, args: Hyperparameters, rank: int, world_size: int, plan, log: Logger,
+                 stop: RunStop | None = None):
         """plan: the run's RunPlan, or a device, for which resolve_plan makes it here (proving
-        and timing its fast paths, and logging its table)."""
+        and timing its fast paths, and logging its table); stop: main()'s RunStop."""
+        self.stop = stop or RunStop()
         if not isinstance(plan, RunPlan):
             plan = resolve_plan(args, plan, rank, world_size, log)
         self.args, self.rank, self.world_size, self.log = args, rank, world_size, log
@@ -3768,9 +3897,9 @@ class Trainer:
         batches = self.next_batches(batch_size_at(step, args))
         total = torch.zeros((), device=self.device)
         for j, (inputs, targets, cu_seqlens) in enumerate(batches):
-            self.opt.arm_adam_sync(adam_step and j == len(batches) - 1)
-            loss = self.forward(inputs, targets, cu_seqlens, args.train_max_seq_len, weights)
-            (loss / self.grad_accum).backward()
+            with self.opt.micro_batch(last=j == len(batches) - 1, adam_step=adam_step):
+                loss = self.forward(inputs, targets, cu_seqlens, args.train_max_seq_len, weights)
+                (loss / self.grad_accum).backward()
             total += loss.detach()
         with around_optimizer():
             self.opt.step(lr_multiplier(step, args), muon_momentum(step, args), adam_step)
@@ -3814,7 +3943,7 @@ class Trainer:
     # --- checkpoints (files section: write_checkpoint, restore_checkpoint) ---
     def checkpoint(self, step: int, train_ms: float, run_id: str) -> Path | None:
         path = write_checkpoint(Path(self.args.log_dir).resolve(), run_id, step, train_ms, self.model, self.opt,
-                                self.batches.position(), self.rank, self.world_size, self.plan)
+                                self.batches.position(), self.rank, self.world_size, self.plan, self.stop)
         if path is not None:
             self.last_checkpoint = path
         return path
@@ -3835,8 +3964,7 @@ def train(t: Trainer, run_id: str = "run", resume: dict | None = None) -> float 
     t.model.set_windows(*windows_at(min(first, N - 1), args))
     val_loss = None
     clock = TrainClock(t.sync, train_ms)
-    _STOP["in_loop"] = True
-    try:
+    with t.stop.loop():
         for step in range(first, N + 1):
             if step == N or (args.val_loss_every > 0 and step % args.val_loss_every == 0):
                 with clock.paused():
@@ -3847,7 +3975,7 @@ def train(t: Trainer, run_id: str = "run", resume: dict | None = None) -> float 
             loss = t.train_step(step)
             done = t.step = step + 1
             read = _log_step(t, done, loss, clock.elapsed_ms())
-            stop = _stop_requested(t, checked=read)
+            stop = t.stop.agreed(t.world_size, t.device, read, t.plan.loss_every)
             if args.checkpoint_every and (done % args.checkpoint_every == 0 or done == N or stop):
                 with clock.paused():
                     path = t.checkpoint(done, clock.ms, run_id)
@@ -3855,8 +3983,6 @@ def train(t: Trainer, run_id: str = "run", resume: dict | None = None) -> float 
                         log(f"checkpoint: {path}")
             if stop:
                 raise KeyboardInterrupt
-    finally:
-        _STOP["in_loop"] = False
     return val_loss
 
 
@@ -3894,19 +4020,6 @@ def _log_step(t: Trainer, done: int, loss: Tensor, elapsed_ms: float) -> bool:
     return read
 
 
-def _stop_requested(t: Trainer, checked: bool) -> bool:
-    """Whether Ctrl-C / SIGTERM came, on any rank: all ranks stop after the same step. With
-    several GPUs the ranks agree only on steps whose loss was read (checked: the GPU has
-    been waited for anyway), so that other steps need no sync."""
-    if t.world_size == 1:
-        return _STOP["requested"]
-    if t.plan.loss_every > 1 and not checked:
-        return False
-    flag = torch.tensor(float(_STOP["requested"]), device=t.device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return bool(flag.item())
-
-
 # =====================================================================================
 # 10. main
 # =====================================================================================
@@ -3941,9 +4054,8 @@ def set_allocator_defaults() -> None:
 
 def main(argv=None):
     set_allocator_defaults()
-    import signal
-    signal.signal(signal.SIGTERM, _on_stop_signal)
-    signal.signal(signal.SIGINT, _on_stop_signal)
+    stop = RunStop()
+    stop.install()
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -3979,9 +4091,9 @@ def main(argv=None):
                                   for k, v in dataclasses.asdict(args).items()), console=False)
         log(data_summary)
         trainer = Trainer(args, rank, world_size, resolve_plan(args, device, rank, world_size, log, machine=machine),
-                          log)
+                          log, stop)
         if world_size > 1:
-            watch_stop_signals(lambda signame: _hard_stop(log, (
+            stop.watch(lambda signame: stop.hard_stop(log, (
                 f"error: stopped by {signame}{_at_step(trainer)}, still waiting for another process "
                 f"{STOP_GRACE_S:.0f}s later (a peer process stopped or hangs); {trainer.resume_hint()}")))
         warm = args.warmup and trainer.forward is not trainer.model
@@ -3998,16 +4110,16 @@ def main(argv=None):
             import resource
             log(f"peak memory (CPU resident set): {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024} MiB")
     except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        _last_line(log, f"error: {e}", 2)
+        stop.last_line(log, f"error: {e}", 2)
     except KeyboardInterrupt:
-        _last_line(log, f"interrupted{_at_step(trainer)}", 130)
+        stop.last_line(log, f"interrupted{_at_step(trainer)}", 130)
     except Exception as e:
-        if not (world_size > 1 and peer_failure(e)):
+        if not (world_size > 1 and stop.peer_failure(e)):
             raise
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         hint = trainer.resume_hint() if trainer is not None else "no checkpoint to resume from"
         peer_gone = True
-        _last_line(log, f"error: a peer process stopped or its connection closed{_at_step(trainer)} "
+        stop.last_line(log, f"error: a peer process stopped or its connection closed{_at_step(trainer)} "
                         f"({reason}); {hint}", 2)
     finally:
         if dist.is_initialized() and not peer_gone:  # with a dead peer, tearing down may block
@@ -4016,27 +4128,6 @@ def main(argv=None):
 
 def _at_step(trainer) -> str:
     return f" at step {trainer.step}" if trainer is not None and trainer.step is not None else " before training"
-
-
-def _hard_stop(log, message: str) -> None:
-    """Ends the process at once from any thread (the main one may be blocked in a
-    collective): `message` as the log's last line and on stderr, exit code 2."""
-    print(message, file=sys.stderr, flush=True)
-    if log is not None and log.path is not None:
-        with contextlib.suppress(Exception):
-            log(message, console=False)
-    os._exit(2)
-
-
-def _last_line(log, message: str, code: int) -> None:
-    """Ends the run: `message` as the log's last line (when one is open) and on stderr."""
-    print(message, file=sys.stderr, flush=True)
-    if log is not None and log.path is not None:
-        try:
-            log(message, console=False)
-        except ConfigError:
-            pass  # the log itself failed; stderr has the message
-    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,8 @@
 """Tokenize text into GPT-2 token shards in the format train_gpt.py reads.
 
-Shard format: 256 little-endian int32 header ([0] magic 20240520, [1] version 1,
-[2] token count), then the tokens as little-endian uint16. Every document is preceded by
-one <|endoftext|> token (id 50256), which the trainer uses as BOS.
+Shards are written by train_gpt.write_shard, in the format train_gpt.py defines (its data
+section: a header of int32s, then the tokens as little-endian uint16). Every document is
+preceded by one <|endoftext|> token (id 50256), which the trainer uses as BOS.
 
 Sources (pick one):
   * local files: `python data/fineweb.py --input a.txt b.jsonl ...`
@@ -40,9 +40,9 @@ from pathlib import Path
 
 import numpy as np
 
-SHARD_MAGIC = 20240520
-SHARD_VERSION = 1
-HEADER_INTS = 256
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from train_gpt import write_shard  # noqa: E402  (the one definition of the shard format)
+
 VAL_FLOOR = 8_192  # tokens: enough for the tiny preset's validation (4096 + 1)
 VAL_CAP = 100_000_000  # tokens: FineWeb's validation set
 BYTES_PER_TOKEN = 4  # GPT-2 on English text, to size the validation split before tokenizing
@@ -167,25 +167,6 @@ def tokenize_document(text: str) -> np.ndarray:
     arr = np.asarray(ids, dtype=np.int64)
     assert arr.max() < 2 ** 16 and arr.min() >= 0, "token id does not fit in uint16"
     return arr.astype(np.uint16)
-
-
-# --------------------------------------------------------------------------------------
-# Shard writer
-# --------------------------------------------------------------------------------------
-
-def write_shard(path, tokens) -> None:
-    """Write tokens (any integer array-like, values in [0, 65536)) as one shard file."""
-    tokens = np.asarray(tokens)
-    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2 ** 16):
-        raise ValueError(f"{path}: token ids must be in [0, 65536)")
-    header = np.zeros(HEADER_INTS, dtype="<i4")
-    header[0], header[1], header[2] = SHARD_MAGIC, SHARD_VERSION, tokens.size
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # write then rename: no half-written shard on a crash
-        f.write(header.tobytes())
-        f.write(tokens.astype("<u2").tobytes())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------------------

@@ -628,7 +628,7 @@ def test_cached_offline_fails_in_one_line(tmp_path, hide_hub):
     fineweb.write_shard(tmp_path / "fineweb10B" / "fineweb_val_000000.bin", [BOS, 5])
     code = ("import sys, runpy; " + ("sys.modules['huggingface_hub'] = None; " if hide_hub else "")
             + f"sys.argv = ['x', '2']; runpy.run_path({str(script)!r}, run_name='__main__')")
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))  # the copy reads train_gpt from the repository
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=600, env=env)
     assert r.returncode == 1
@@ -645,7 +645,7 @@ def test_cached_all_present_needs_no_network(tmp_path):
     (tmp_path / "fineweb10B").mkdir()
     for name in ["fineweb_val_000000.bin", "fineweb_train_000001.bin"]:
         fineweb.write_shard(tmp_path / "fineweb10B" / name, [BOS, 1])
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO))  # the copy reads train_gpt from the repository
     r = subprocess.run([sys.executable, str(script), "1"], capture_output=True, text=True,
                        timeout=600, env=env)
     assert r.returncode == 0, r.stderr

@@ -3,6 +3,7 @@
 Every expectation comes from an independent reference written here from ALGORITHM.md section 3
 (naive loops in float64, SVD polar factors), never from the code's own output.
 """
+import contextlib
 import math
 import os
 import socket
@@ -313,7 +314,7 @@ def test_triton_sym_kernels_compile_for_hopper():
                  for name in jit.arg_names}
         for cfg in kernel.configs:
             what = f"{jit.__name__} {cfg}"
-            out = compile_for_hopper(jit, types, {**cfg.kwargs, "UPCAST": False}, what,
+            out = compile_for_hopper(jit, types, cfg.kwargs, what,
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             assert "wgmma.mma_async" in out.asm["ptx"], f"{what}: no wgmma in the PTX"
             compiled += 1
@@ -343,7 +344,7 @@ def test_fused_loss_kernel_compiles_for_hopper():
     types = dict(logits="*bf16", targets="*i64", weights="*fp32", partial="*fp32", loss_out="*fp32",
                  g_out="*fp8e5", gt_out="*fp8e5", scale_ptr="*fp32", T="i32", V="i32", P="i32")
     for given in (True, False):
-        out = compile_for_hopper(tg._mtp_loss_grad_kernel, types, {**meta, "LSE_GIVEN": given, "TO_E5M2": True},
+        out = compile_for_hopper(tg._mtp_loss_grad_kernel, types, {**meta, "LSE_GIVEN": given},
                                  f"loss kernel, lse given: {given}", num_warps=num_warps)
         assert "cvt.rn.satfinite.e5m2x2.f32" in out.asm["ptx"]
 
@@ -357,8 +358,7 @@ def test_fp8_logits_kernel_compiles_for_hopper():
              for name in jit.arg_names}
     for cfg in tg._fp8_logits_kernel.configs:
         what = f"fp8 logits {cfg}"
-        out = compile_for_hopper(jit, types, {**cfg.kwargs, "LSE_COLS": tg.LSE_COLUMNS, "UPCAST": False,
-                                              "EMULATE_BF16": False}, what,
+        out = compile_for_hopper(jit, types, {**cfg.kwargs, "LSE_COLS": tg.LSE_COLUMNS}, what,
                                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         ptx = out.asm["ptx"]
         assert "wgmma.mma_async" in ptx and "e4m3.e4m3" in ptx, f"{what}: no e4m3 wgmma in the PTX"
@@ -375,7 +375,7 @@ def test_fused_mlp_kernel_compiles_for_hopper():
     for cfg in tg._mlp_matmul_kernel.configs:
         for backward in (False, True):
             what = f"{cfg} backward={backward}"
-            out = compile_for_hopper(jit, types, {**cfg.kwargs, "BACKWARD": backward, "UPCAST": False}, what,
+            out = compile_for_hopper(jit, types, {**cfg.kwargs, "BACKWARD": backward}, what,
                                      num_warps=cfg.num_warps, num_stages=cfg.num_stages)
             assert "wgmma.mma_async" in out.asm["ptx"], f"{what}: no wgmma in the PTX"
             compiled += 1
@@ -845,11 +845,12 @@ def _train(rank, world_size, packed, arm, steps=6):
         adam_step = step % 2 == 1
         for micro in range(accum):
             vrank = rank * accum + micro
-            if arm:
-                opt.arm_adam_sync(adam_step and micro == accum - 1)
-            loss = sum((p * _coeffs(step, vrank, idx, p)).float().sum()
-                       for idx, (n, p) in enumerate(named) if n != "embed" or step > SPLIT_AFTER)
-            (loss / accum).backward()
+            # arm: the loop's protocol (the last micro-batch of an Adam step starts its collectives
+            # from the finished sums); without it every collective starts at step time
+            with opt.micro_batch(last=micro == accum - 1, adam_step=adam_step) if arm else contextlib.nullcontext():
+                loss = sum((p * _coeffs(step, vrank, idx, p)).float().sum()
+                           for idx, (n, p) in enumerate(named) if n != "embed" or step > SPLIT_AFTER)
+                (loss / accum).backward()
         opt.step(1.0 + 0.25 * step, 0.85 + 0.02 * step, adam_step)
         if step == SPLIT_AFTER:
             opt.split_embed()

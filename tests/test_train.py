@@ -670,7 +670,7 @@ def test_a_dead_or_hung_peer_ends_the_survivor_with_one_line_naming_the_checkpoi
     assert ckpt == max(tmp_path.glob(f"{how}.step*.pt"))  # the latest checkpoint
     if how == "killed":
         out = run_train([*DYING, f"--log_dir={tmp_path}", "--run_id=again", f"--resume={ckpt}"], nproc=2)
-        assert f"resumed from {ckpt}" in out
+        assert f"continues run killed from {ckpt}" in out
         vals, _ = parse(out)
         assert vals and vals[-1][0] == 11
 

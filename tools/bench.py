@@ -29,7 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
-H100_BF16_FLOPS = 989e12
+# The H100 SXM's peaks, for MFU here and the roofline model of tools/preflight.py: dense bf16
+# and FP8 tensor-core FLOP/s, HBM3 bytes/s (NVIDIA's data sheet)
+H100_SXM = dict(bf16=989e12, fp8=1979e12, bandwidth=3.35e12)
+H100_BF16_FLOPS = H100_SXM["bf16"]
 
 
 def write_synthetic_shards(folder: Path, train_tokens: int, val_tokens: int, seed: int = 0):
@@ -44,11 +47,7 @@ def write_synthetic_shards(folder: Path, train_tokens: int, val_tokens: int, see
         starts = np.cumsum(rng.geometric(1 / 400, size=n // 100 + 10))
         tokens[0] = tg.BOS_ID
         tokens[starts[starts < n]] = tg.BOS_ID
-        header = np.zeros(tg.HEADER_INTS, dtype="<i4")
-        header[:3] = (tg.SHARD_MAGIC, tg.SHARD_VERSION, n)
-        with open(folder / name, "wb") as f:
-            f.write(header.tobytes())
-            f.write(tokens.astype("<u2").tobytes())
+        tg.write_shard(folder / name, tokens)
 
 
 def attended_keys(cu_seqlens: torch.Tensor, T: int, window: int) -> int:

@@ -253,7 +253,7 @@ def graph_ops(gm) -> int:
 # inductor fuses them, into one kernel per connected group that no such kernel separates.
 # A kernel reads each tensor it gets from another kernel (or the graph's inputs) once and
 # writes each tensor it hands on once. Communication is not modelled.
-H100_SXM = dict(bf16=989e12, fp8=1979e12, bandwidth=3.35e12)
+H100_SXM = bench.H100_SXM  # one definition of the peaks, in tools/bench.py
 ROOFLINE_EFFICIENCY = dict(matmul=0.75, attention=0.6, bandwidth=0.85, min_kernel_us=2.0)
 MATMUL_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten._scaled_mm.default}
 ATTENTION_FLOPS = {"preflight::varlen_attention": 4.0, "preflight::varlen_attention_backward": 10.0}  # per pair, dim

@@ -2469,6 +2469,21 @@ def mtp_weights(step: int, args: Hyperparameters) -> list[float]:
     return [1.0]
 
 
+def schedule_tokens(args: Hyperparameters) -> list[int]:
+    """Global tokens trained before each step: entry k is the sum of the batch sizes of
+    steps 0 .. k-1, for k = 0 .. total_steps (the ETA weighs the steps left by these)."""
+    tokens = [0]
+    for step in range(total_steps(args)):
+        tokens.append(tokens[-1] + batch_size_at(step, args))
+    return tokens
+
+
+def eta_seconds(tokens_before: list[int], done: int, elapsed_ms: float) -> float:
+    """Seconds left after `done` steps that took elapsed_ms: the time per token so far times
+    the tokens of the steps left (their batches grow by stage)."""
+    return elapsed_ms * (tokens_before[-1] - tokens_before[done]) / tokens_before[done] / 1000
+
+
 def split_step(args: Hyperparameters) -> int:
     """Step after whose update embed splits from lm_head (odd: an Adam step)."""
     return math.ceil(args.split_embed_frac * args.num_scheduled_iterations) | 1
@@ -3585,7 +3600,7 @@ MODEL_FILE_FORMAT = "train_gpt model 1"
 CHECKPOINT_FORMAT = "train_gpt checkpoint 1"
 
 
-def _model_state(model: GPT) -> dict:
+def model_state(model: GPT) -> dict:
     """What evaluating the model needs: configuration, weights, the embed split, the windows
     and the YaRN state (on the CPU)."""
     return dict(args=dataclasses.asdict(model.args), model={k: v.cpu() for k, v in model.state_dict().items()},
@@ -3605,8 +3620,8 @@ def _save_atomically(state: dict, path: Path) -> None:
 
 
 def save_model(model: GPT, path) -> None:
-    """Everything needed to evaluate the model (_model_state), written atomically."""
-    _save_atomically(dict(format=MODEL_FILE_FORMAT, **_model_state(model)), Path(path))
+    """Everything needed to evaluate the model (model_state), written atomically."""
+    _save_atomically(dict(format=MODEL_FILE_FORMAT, **model_state(model)), Path(path))
 
 
 def read_model_file(path) -> dict:
@@ -3665,7 +3680,7 @@ def write_checkpoint(folder: Path, run_id: str, step: int, train_ms: float, mode
         ranks = [torch.load(io.BytesIO(b)) for b in gathered]
     else:
         ranks = [mine]
-    state = dict(format=CHECKPOINT_FORMAT, **_model_state(model), run_id=run_id, step=step, train_ms=train_ms,
+    state = dict(format=CHECKPOINT_FORMAT, **model_state(model), run_id=run_id, step=step, train_ms=train_ms,
                  world_size=world_size, data=data_position, ranks=ranks, rng=torch.get_rng_state(),
                  cuda_rng=torch.cuda.get_rng_state_all() if plan.cuda else None)
     path = folder / f"{run_id}.step{step:06d}.pt"
@@ -3868,10 +3883,7 @@ class Trainer:
         self.batches: TrainBatches | None = None
         self.step = None  # the step being run (for the interrupt message)
         self.last_checkpoint = Path(args.resume).resolve() if args.resume else None  # the one to resume from
-        # tokens of steps 0 .. k-1 for every k: the ETA weighs the steps left by their batch sizes
-        self.tokens_before = [0]
-        for step in range(total_steps(args)):
-            self.tokens_before.append(self.tokens_before[-1] + batch_size_at(step, args))
+        self.tokens_before = schedule_tokens(args)  # for the ETA
 
     def restart_data(self, step: int = 0, position=None):
         """A fresh training stream for `step` (its first shard starts loading now): from the
@@ -4013,10 +4025,8 @@ def _log_step(t: Trainer, done: int, loss: Tensor, elapsed_ms: float) -> bool:
             raise ConfigError(f"training loss is {loss_value} at step {done - 1}: training diverged")
         shown = f" mtp_loss:{loss_value:.4f}"  # the weighted multi-token sum, per token
     avg = elapsed_ms / done
-    # the time per token so far times the tokens of the steps left (batches grow by stage)
-    left = t.tokens_before[N] - t.tokens_before[done]
     t.log(f"step:{done}/{N}{shown} train_time:{elapsed_ms:.0f}ms step_avg:{avg:.2f}ms "
-          f"eta:{elapsed_ms * left / t.tokens_before[done] / 1000:.0f}s")
+          f"eta:{eta_seconds(t.tokens_before, done, elapsed_ms):.0f}s")
     return read
 
 

@@ -286,7 +286,7 @@ def compile_for_hopper(jit, types: dict, consts: dict, what: str, **options):
     """Triton's sm90 compile of a JIT kernel (no GPU needed): `types` gives each runtime
     argument's type, `consts` the constexprs. Skips where Triton cannot compile for CUDA.
     Checks the machine code exists and the shared memory fits one H100 block."""
-    if tg.triton is None or tg._TRITON_INTERPRET:
+    if tg.triton is None or tg.Machine.of("cpu").interpret:
         pytest.skip("needs Triton's compiler (no TRITON_INTERPRET=1)")
     import triton
     from triton.backends.compiler import GPUTarget

@@ -2,7 +2,6 @@
 import math
 
 import pytest
-import torch
 
 import train_gpt as tg
 
@@ -83,15 +82,8 @@ def test_eta_weighs_the_steps_left_by_their_batch_sizes():
     by hand for the tiny preset after its first step (512 tokens in 1 s): 19 more steps of
     512, 20 of 768, 20 of 1024 and 4 extension steps of 1024 tokens, 49,664 tokens, 97 s
     (a per-step average would say 63 s)."""
-    import types
-
-    args = tg.parse_args(["--preset=tiny"])
-    tokens_before = [0]
-    for step in range(tg.total_steps(args)):
-        tokens_before.append(tokens_before[-1] + tg.batch_size_at(step, args))
-    lines = []
-    t = types.SimpleNamespace(args=args, world_size=1, plan=tg.RunPlan(torch.device("cpu")), log=lines.append,
-                              tokens_before=tokens_before)
-    tg._log_step(t, 1, torch.tensor(18.5), 1000.0)
-    assert 19 * 512 + 20 * 768 + 24 * 1024 == 49_664
-    assert lines == ["step:1/64 mtp_loss:18.5000 train_time:1000ms step_avg:1000.00ms eta:97s"]
+    tokens = tg.schedule_tokens(tg.parse_args(["--preset=tiny"]))
+    assert tokens[:3] == [0, 512, 1024] and tokens[21] == 20 * 512 + 768 and len(tokens) == 65
+    assert tokens[-1] == 20 * 512 + 20 * 768 + 24 * 1024
+    assert tg.eta_seconds(tokens, 1, 1000.0) == pytest.approx(49_664 / 512)
+    assert tg.eta_seconds(tokens, 64, 50_000.0) == 0

@@ -48,6 +48,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -689,10 +690,61 @@ def phase(what: str) -> None:
     print(f"preflight: {what} ...", flush=True)
 
 
-def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
+def step_counts(recorder: GraphRecorder, trainer, args, step: int, ops, opt_ops, cpu_batches: list,
+                roofline: bool, world_size: int) -> dict:
+    """Counts: what one traced training step ran (its syncs, the ops of its graphs per
+    micro-batch, the optimizer's eager kernels and graphs, its FLOPs and, with roofline,
+    the modelled kernels' time and the (T, V) and (T, 4d) traffic)."""
+    V_pad = tg.next_multiple_of_n(args.vocab_size, 128)
+    model_calls = [c for c in recorder.calls if c[0] == "GPT"]
+    micro = sum(graph_ops(recorder.graphs[i][3]) for _, _, i in model_calls) / trainer.grad_accum
+    opt_graph_ops = sum(graph_ops(recorder.graphs[i][3]) for _, _, i in opt_ops[1])
+    opt_graph_names = Counter(name for name, _, _ in opt_ops[1])
+    batches = [b for b in cpu_batches if len(b) == 3]
+    flops = world_size * sum(bench.step_flops(trainer.model, args, [(inp.numel(), cu)], step)
+                             for inp, _, cu in batches)
+    entry = dict(step=step, stage=tg.stage(step, args), syncs=ops.syncs, micro=micro,
+                 opt_eager=opt_ops[0], opt_graphs=len(opt_ops[1]), opt_graph_ops=opt_graph_ops,
+                 opt_graph_names=opt_graph_names, flops=flops)
+    if roofline:
+        T = batches[0][0].numel()
+        pairs = attention_pairs_of(batches[0][2], T)
+        fwd = [k for _, kind, i in model_calls if kind == "forward"
+               for k in graph_kernels(recorder.graphs[i][3], pairs)]
+        aliases = saved_aliases(recorder.graphs[next(i for _, kind, i in model_calls
+                                                     if kind == "forward")][3])
+        bwd = [k for _, kind, i in model_calls if kind == "backward"
+               for k in graph_kernels(recorder.graphs[i][3], pairs, aliases)]
+        opt = opt_ops[2] + [k for _, _, i in opt_ops[1] for k in graph_kernels(recorder.graphs[i][3])]
+        entry["roofline_ms"] = 1000 * sum(k.seconds() for k in fwd + bwd + opt)
+        entry["tv_traffic"] = (tv_traffic(fwd, T, V_pad), tv_traffic(bwd, T, V_pad))
+        entry["saved"] = saved_tv(recorder.graphs[model_calls[0][2]][3], T, V_pad)
+        H4 = 4 * args.model_dim  # the MLP's hidden width: (T, 4d) tensors, per layer
+        entry["mlp_traffic"] = (tv_traffic(fwd, T, H4) / args.num_layers,
+                                tv_traffic(bwd, T, H4) / args.num_layers)
+        entry["mlp_saved"] = len(saved_tv(recorder.graphs[model_calls[0][2]][3], T, H4)) / args.num_layers
+    return entry
+
+
+@dataclass
+class Trace:
+    """What tracing the record's steps recorded: the steps traced, per-step counts, the
+    graphs compiled per phase and the FP8 head bodies' syncs and ops."""
+    args: object
+    steps: list
+    per_step: list
+    compiles: dict
+    fp8_syncs: int
+    fp8_kernels: int
+
+
+def trace(args, roofline: bool) -> Trace:
+    """Trace: the trainer of rank 0 of 8 on `meta` (gpu_trainer) runs the exact warm-up, then
+    the timed run's visited steps and the final validation, through the recording backend;
+    each step's counts come from step_counts. Raises what tracing raises (a graph break
+    under fullgraph, ...)."""
     world_size = tg.VIRTUAL_RANKS
     recorder = GraphRecorder()
-    problems = []
     with tempfile.TemporaryDirectory() as tmp:
         steps = visited_steps(args)
         need = sum(tg.batch_size_at(s, args) // world_size + 1 for s in steps) * world_size
@@ -705,75 +757,60 @@ def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
             torch._dynamo.config.cache_size_limit = 64
             phase(f"building the model and optimizers on meta as rank 0 of {world_size}, with a GPU rank's plan")
             trainer = gpu_trainer(args, world_size)
-            try:
-                phase(f"tracing the warm-up: {len(tg.warmup_steps(args))} steps and their validations")
-                trainer.warmup()
-                phase(f"tracing {len(steps)} steps of the timed run and the final validation")
-                recorder.phase = "timed run"
-                trainer.restart_data()
-                trainer.model.set_windows(*tg.windows_at(0, args))
-                per_step = []
-                V_pad = tg.next_multiple_of_n(args.vocab_size, 128)
-                for step in steps:
-                    if step == 0 or step == steps[len(steps) // 2]:
-                        trainer.validate(max_steps=1)
-                    recorder.calls.clear()
-                    cpu_batches.clear()
-                    items, host_values = recorder.items, recorder.host_values
-                    micro, opt_ops = {}, None
-                    with DeviceOps(recorder) as ops:
-                        @contextlib.contextmanager
-                        def counted_optimizer():
-                            nonlocal opt_ops
-                            calls_before = len(recorder.calls)
-                            with DeviceOps(recorder) as inner:
-                                yield
-                            opt_ops = (inner.kernels, [recorder.calls[i] for i in range(calls_before,
-                                                                                       len(recorder.calls))],
-                                       inner.records)
-                        train_step_counting_optimizer(trainer, step, counted_optimizer)
-                    ops.syncs += ["Tensor.item()"] * (recorder.items - items)
-                    ops.syncs += ["a tensor built from Python values on the device"] * (
-                        recorder.host_values - host_values)
-                    model_calls = [c for c in recorder.calls if c[0] == "GPT"]
-                    micro = sum(graph_ops(recorder.graphs[i][3]) for _, _, i in model_calls) / trainer.grad_accum
-                    opt_graph_ops = sum(graph_ops(recorder.graphs[i][3]) for _, _, i in opt_ops[1])
-                    opt_graph_names = Counter(name for name, _, _ in opt_ops[1])
-                    batches = [b for b in cpu_batches if len(b) == 3]
-                    flops = world_size * sum(bench.step_flops(trainer.model, args, [(inp.numel(), cu)], step)
-                                             for inp, _, cu in batches)
-                    entry = dict(step=step, stage=tg.stage(step, args), syncs=ops.syncs, micro=micro,
-                                 opt_eager=opt_ops[0], opt_graphs=len(opt_ops[1]), opt_graph_ops=opt_graph_ops,
-                                 opt_graph_names=opt_graph_names, flops=flops)
-                    if roofline:
-                        T = batches[0][0].numel()
-                        pairs = attention_pairs_of(batches[0][2], T)
-                        fwd = [k for _, kind, i in model_calls if kind == "forward"
-                               for k in graph_kernels(recorder.graphs[i][3], pairs)]
-                        aliases = saved_aliases(recorder.graphs[next(i for _, kind, i in model_calls
-                                                                     if kind == "forward")][3])
-                        bwd = [k for _, kind, i in model_calls if kind == "backward"
-                               for k in graph_kernels(recorder.graphs[i][3], pairs, aliases)]
-                        opt = opt_ops[2] + [k for _, _, i in opt_ops[1] for k in graph_kernels(recorder.graphs[i][3])]
-                        entry["roofline_ms"] = 1000 * sum(k.seconds() for k in fwd + bwd + opt)
-                        entry["tv_traffic"] = (tv_traffic(fwd, T, V_pad), tv_traffic(bwd, T, V_pad))
-                        entry["saved"] = saved_tv(recorder.graphs[model_calls[0][2]][3], T, V_pad)
-                        H4 = 4 * args.model_dim  # the MLP's hidden width: (T, 4d) tensors, per layer
-                        entry["mlp_traffic"] = (tv_traffic(fwd, T, H4) / args.num_layers,
-                                                tv_traffic(bwd, T, H4) / args.num_layers)
-                        entry["mlp_saved"] = len(saved_tv(recorder.graphs[model_calls[0][2]][3], T, H4)) / args.num_layers
-                    per_step.append(entry)
-                trainer.model.set_windows(*tg.final_windows(args), yarn=False)
-                trainer.validate(max_steps=1)
-                fp8_syncs, fp8_kernels = fp8_head_bodies(recorder, args)
-            except Exception as e:  # torch._dynamo.exc.Unsupported and friends: a graph break under fullgraph
-                print(f"preflight: FAILED while tracing: {type(e).__name__}: {str(e).splitlines()[0]}")
-                return 1
-    warm = sum(v for (n, p), v in recorder.compiles.items() if p == "warm-up")
-    timed = sum(v for (n, p), v in recorder.compiles.items() if p == "timed run")
+            phase(f"tracing the warm-up: {len(tg.warmup_steps(args))} steps and their validations")
+            trainer.warmup()
+            phase(f"tracing {len(steps)} steps of the timed run and the final validation")
+            recorder.phase = "timed run"
+            trainer.restart_data()
+            trainer.model.set_windows(*tg.windows_at(0, args))
+            per_step = []
+            for step in steps:
+                if step == 0 or step == steps[len(steps) // 2]:
+                    trainer.validate(max_steps=1)
+                recorder.calls.clear()
+                cpu_batches.clear()
+                items, host_values = recorder.items, recorder.host_values
+                opt_ops = None
+                with DeviceOps(recorder) as ops:
+                    @contextlib.contextmanager
+                    def counted_optimizer():
+                        nonlocal opt_ops
+                        calls_before = len(recorder.calls)
+                        with DeviceOps(recorder) as inner:
+                            yield
+                        opt_ops = (inner.kernels, [recorder.calls[i] for i in range(calls_before, len(recorder.calls))],
+                                   inner.records)
+                    train_step_counting_optimizer(trainer, step, counted_optimizer)
+                ops.syncs += ["Tensor.item()"] * (recorder.items - items)
+                ops.syncs += ["a tensor built from Python values on the device"] * (recorder.host_values - host_values)
+                per_step.append(step_counts(recorder, trainer, args, step, ops, opt_ops, cpu_batches, roofline,
+                                            world_size))
+            trainer.model.set_windows(*tg.final_windows(args), yarn=False)
+            trainer.validate(max_steps=1)
+            fp8_syncs, fp8_kernels = fp8_head_bodies(recorder, args)
+    return Trace(args, steps, per_step, dict(recorder.compiles), fp8_syncs, fp8_kernels)
+
+
+def run(args, step_ms, kernels: bool, roofline: bool = False) -> int:
+    """Trace, then report; exit status 1 on a problem."""
+    try:
+        t = trace(args, roofline)
+    except Exception as e:  # torch._dynamo.exc.Unsupported and friends: a graph break under fullgraph
+        print(f"preflight: FAILED while tracing: {type(e).__name__}: {str(e).splitlines()[0]}")
+        return 1
+    return report(t, step_ms, kernels, roofline)
+
+
+def report(t: Trace, step_ms, kernels: bool, roofline: bool) -> int:
+    """Report: the trace's figures, one line each, and the problems they show (exit 1)."""
+    args, steps, per_step, world_size = t.args, t.steps, t.per_step, tg.VIRTUAL_RANKS
+    fp8_syncs, fp8_kernels = t.fp8_syncs, t.fp8_kernels
+    problems = []
+    warm = sum(v for (n, p), v in t.compiles.items() if p == "warm-up")
+    timed = sum(v for (n, p), v in t.compiles.items() if p == "timed run")
     print(f"configuration: preset {args.preset}, rank 0 of {world_size}, {tg.total_steps(args)} steps; "
           f"{len(steps)} timed-run steps traced: {steps}")
-    per_fn = ", ".join(f"{n}: {v}" for (n, p), v in sorted(recorder.compiles.items()) if p == "warm-up")
+    per_fn = ", ".join(f"{n}: {v}" for (n, p), v in sorted(t.compiles.items()) if p == "warm-up")
     print(f"graphs compiled in the warm-up: {warm} ({per_fn})")
     print("graph breaks: 0 (fullgraph=True traced every graph)")
     print(f"recompiles in the timed run: {timed}")

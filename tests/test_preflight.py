@@ -7,18 +7,55 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def preflight(*args):
+def start_preflight(*args):
+    """The preflight of the tiny preset in a subprocess (one thread), started now."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    out = subprocess.run([sys.executable, str(REPO / "tools" / "preflight.py"), "--preset=tiny", *args],
-                         cwd=REPO, env=env, capture_output=True, text=True, timeout=3000)
-    return out.returncode, out.stdout + out.stderr
+    return subprocess.Popen([sys.executable, str(REPO / "tools" / "preflight.py"), "--preset=tiny", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_preflight_passes_on_the_trainer():
-    code, out = preflight("--roofline")
+def finish(proc):
+    out, _ = proc.communicate(timeout=3000)
+    return proc.returncode, out
+
+
+def edited_trainer(folder: Path) -> Path:
+    """A copy of train_gpt.py with a host-device sync in every training step and, in the
+    last step only (which the warm-up does not visit), a new shape: one recompile."""
+    src = (REPO / "train_gpt.py").read_text()
+    edited = src.replace(
+        "        adam_step = step % 2 == 1\n",
+        "        adam_step = step % 2 == 1\n"
+        "        torch.ones((), device=self.device).sum().item()  # a sync: waits for the GPU\n", 1).replace(
+        "                loss = self.forward(inputs, targets, cu_seqlens, args.train_max_seq_len, weights)",
+        "                loss = self.forward(inputs, targets, cu_seqlens,\n"
+        "                                    args.train_max_seq_len + (step == total_steps(args) - 1), weights)", 1)
+    assert edited.count("a sync: waits") == 1 and "train_max_seq_len + (step ==" in edited
+    script = folder / "train_gpt.py"
+    script.write_text(edited)
+    return script
+
+
+@pytest.fixture(scope="module")
+def preflight_runs(tmp_path_factory):
+    """Both preflights of this file, started together (each is one thread: on CI's two cores
+    they run side by side): {"trainer": the trainer with --roofline, "edited": the edited
+    copy on a 9-step schedule without an extension (fewer shapes to compile; its last step is
+    one the warm-up does not visit)}, each (exit code, output)."""
+    script = edited_trainer(tmp_path_factory.mktemp("edited"))
+    procs = dict(trainer=start_preflight("--roofline"),
+                 edited=start_preflight(f"--script={script}", "--num_scheduled_iterations=9",
+                                        "--num_extension_iterations=0"))
+    return {name: finish(proc) for name, proc in procs.items()}
+
+
+def test_preflight_passes_on_the_trainer(preflight_runs):
+    code, out = preflight_runs["trainer"]
     assert code == 0, out[-3000:]
     for line in ("graph breaks: 0", "recompiles in the timed run: 0", "host-device syncs per training step: 0",
                  "FP8 lm_head op bodies (forward + backward): 0 host-device syncs", "preflight: OK"):
@@ -82,22 +119,8 @@ def test_kernel_model_counts_the_loss_heads_traffic_as_counted_by_hand():
     assert found["fused saved"] == found["fused_two_passes saved"] == ["float8_e5m2 (T, V)", "float8_e5m2 (V, T)"]
 
 
-def test_preflight_fails_on_a_sync_and_a_recompile(tmp_path):
-    src = (REPO / "train_gpt.py").read_text()
-    edited = src.replace(
-        "        adam_step = step % 2 == 1\n",
-        "        adam_step = step % 2 == 1\n"
-        "        torch.ones((), device=self.device).sum().item()  # a sync: waits for the GPU\n", 1).replace(
-        "            loss = self.forward(inputs, targets, cu_seqlens, args.train_max_seq_len, weights)",
-        # a new shape in the last step only, which the warm-up does not visit: one recompile
-        "            loss = self.forward(inputs, targets, cu_seqlens,\n"
-        "                                args.train_max_seq_len + (step == total_steps(args) - 1), weights)", 1)
-    assert edited.count("a sync: waits") == 1 and "train_max_seq_len + (step ==" in edited
-    script = tmp_path / "train_gpt.py"
-    script.write_text(edited)
-    # 9 steps, no extension: fewer shapes to compile than the tiny preset's, and its last step
-    # is one the warm-up does not visit
-    code, out = preflight(f"--script={script}", "--num_scheduled_iterations=9", "--num_extension_iterations=0")
+def test_preflight_fails_on_a_sync_and_a_recompile(preflight_runs):
+    code, out = preflight_runs["edited"]
     assert code == 1, out[-3000:]
     last = out.strip().splitlines()[-1]
     assert last.startswith("preflight: FAILED") and "recompile(s) in the timed run" in last, last

@@ -33,16 +33,26 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_train(args, nproc=1):
-    """train_gpt.py on nproc gloo processes, one thread each (up to 4 processes share 2 cores)."""
+def start_train(args, nproc=1):
+    """train_gpt.py on nproc gloo processes, one thread each, started now (Popen)."""
     if nproc == 1:
         cmd = [sys.executable, "train_gpt.py", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "train_gpt.py", *args]
-    out = subprocess.run(cmd, cwd=REPO, env=env(1), capture_output=True, text=True, timeout=1800)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return out.stdout
+    return subprocess.Popen(cmd, cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish_train(proc):
+    """The stdout of a run from start_train, which must succeed."""
+    out, err = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, out[-3000:] + err[-3000:]
+    return out
+
+
+def run_train(args, nproc=1):
+    """train_gpt.py on nproc gloo processes, one thread each (up to 4 processes share 2 cores)."""
+    return finish_train(start_train(args, nproc))
 
 
 def parse(stdout):
@@ -124,16 +134,34 @@ def test_yarn_updates_exactly_when_the_long_window_changes(monkeypatch):
 
 # --- equivalence across process counts (gloo) -----------------------------------------
 
+def two_node_flags(folder: Path) -> list:
+    return SHORT + ["--val_loss_every=4", f"--log_dir={folder}", "--run_id=nodes", "--checkpoint_every=5",
+                    f"--save_model={folder / 'nodes.pt'}"]
+
+
+def two_node_env(port: int) -> dict:
+    return {**env(1), "PYTHON": sys.executable, "NNODES": "2", "NPROC_PER_NODE": "1", "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port)}
+
+
 @pytest.fixture(scope="module")
 def process_runs(tmp_path_factory):
     """Short tiny runs on 1, 2 and 4 gloo processes with checkpoints after steps 5 and 7 and
     the final model saved: {n: stdout}, and the folder of their logs, checkpoints and
-    models. The equivalence and the resume tests below share them."""
-    folder = tmp_path_factory.mktemp("runs")
+    models. The equivalence, resume and two-node tests below share them. All of them, and
+    the two-node test's two agents (run.sh with NNODES=2; outs["nodes"] holds (the folder,
+    the port, [(returncode, stdout, stderr) of node 0 and node 1])), start together: each
+    process has one thread, so on CI's two cores they fill both."""
+    folder, nodes = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("nodes")
     common = SHORT + ["--val_loss_every=4", f"--log_dir={folder}"]
-    outs = {n: run_train(common + [f"--save_model={folder / f'p{n}.pt'}", f"--run_id=p{n}", "--checkpoint_every=5"],
-                         nproc=n)
-            for n in (1, 2, 4)}
+    procs = {n: start_train(common + [f"--save_model={folder / f'p{n}.pt'}", f"--run_id=p{n}",
+                                      "--checkpoint_every=5"], nproc=n) for n in (1, 2, 4)}
+    port = free_port()
+    agents = [subprocess.Popen(["bash", str(REPO / "run.sh"), *two_node_flags(nodes)], cwd=REPO,
+                               env={**two_node_env(port), "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    outs = {n: finish_train(proc) for n, proc in procs.items()}
+    outs["nodes"] = (nodes, port, [(a.returncode, *a.communicate(timeout=1800)) for a in agents])
     return outs, folder
 
 
@@ -225,34 +253,26 @@ def test_resumed_runs_end_bit_identical_to_uninterrupted_ones(process_runs, tmp_
             assert torch.equal(a[k], b[k]), (n, k)
 
 
-def test_two_nodes_on_one_machine_train_as_one_process(process_runs, tmp_path):
+def test_two_nodes_on_one_machine_train_as_one_process(process_runs):
     """run.sh's multi-node line, started twice as two torchrun agents (--nnodes=2, c10d
-    rendezvous on 127.0.0.1, one gloo process each): global rank 0 alone writes the log and
-    the checkpoints, rank 1 prints no step, and the result equals the one-process run's
-    bit for bit (RANK, not LOCAL_RANK, picks each process's data)."""
-    if shutil.which("bash") is None:
-        pytest.skip("bash missing")
+    rendezvous on 127.0.0.1, one gloo process each; the process_runs fixture starts them):
+    global rank 0 alone writes the log and the checkpoints, rank 1 prints no step, and the
+    result equals the one-process run's bit for bit (RANK, not LOCAL_RANK, picks each
+    process's data). RUN_SH_DRY_RUN=1 shows the command run.sh starts."""
     outs, runs = process_runs
-    common = SHORT + ["--val_loss_every=4", f"--log_dir={tmp_path}", "--run_id=nodes", "--checkpoint_every=5",
-                      f"--save_model={tmp_path / 'nodes.pt'}"]
-    port = free_port()
-    node_env = {**env(1), "PYTHON": sys.executable, "NNODES": "2", "NPROC_PER_NODE": "1",
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-    dry = subprocess.run(["bash", str(REPO / "run.sh"), *common], cwd=REPO, capture_output=True, text=True,
-                         env={**node_env, "NODE_RANK": "0", "RUN_SH_DRY_RUN": "1"}, timeout=300)
+    folder, port, results = outs["nodes"]
+    dry = subprocess.run(["bash", str(REPO / "run.sh"), *two_node_flags(folder)], cwd=REPO, capture_output=True,
+                         text=True, env={**two_node_env(port), "NODE_RANK": "0", "RUN_SH_DRY_RUN": "1"}, timeout=300)
     command = dry.stdout.splitlines()[-1]
     assert (f"-m torch.distributed.run --nnodes=2 --node_rank=0 --nproc_per_node=1 --rdzv_backend=c10d "
             f"--rdzv_endpoint=127.0.0.1:{port} train_gpt.py --preset tiny") in command, dry.stdout
-    nodes = [subprocess.Popen(["bash", str(REPO / "run.sh"), *common], cwd=REPO, env={**node_env, "NODE_RANK": str(r)},
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    results = [node.communicate(timeout=1800) for node in nodes]
-    assert [node.returncode for node in nodes] == [0, 0], [out[-3000:] + err[-3000:] for out, err in results]
-    (out0, _), (out1, _) = results
+    assert [code for code, _, _ in results] == [0, 0], [out[-3000:] + err[-3000:] for _, out, err in results]
+    (_, out0, _), (_, out1, _) = results
     assert parse(out0) == parse(outs[1]) and parse(out1) == ([], [])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["nodes.pt", "nodes.step000005.pt", "nodes.step000007.pt",
-                                                          "nodes.txt"]
-    assert "run nodes: 2 process(es) x 4 micro-batches" in (tmp_path / "nodes.txt").read_text()
-    a, b = torch.load(runs / "p1.pt")["model"], torch.load(tmp_path / "nodes.pt")["model"]
+    assert sorted(p.name for p in folder.iterdir()) == ["nodes.pt", "nodes.step000005.pt", "nodes.step000007.pt",
+                                                        "nodes.txt"]
+    assert "run nodes: 2 process(es) x 4 micro-batches" in (folder / "nodes.txt").read_text()
+    a, b = torch.load(runs / "p1.pt")["model"], torch.load(folder / "nodes.pt")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
 

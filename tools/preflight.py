@@ -48,7 +48,7 @@ import re
 import sys
 import tempfile
 from collections import Counter
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -726,8 +726,7 @@ def step_counts(recorder: GraphRecorder, trainer, args, step: int, ops, opt_ops,
     return entry
 
 
-@dataclass
-class Trace:
+class Trace(NamedTuple):
     """What tracing the record's steps recorded: the steps traced, per-step counts, the
     graphs compiled per phase and the FP8 head bodies' syncs and ops."""
     args: object

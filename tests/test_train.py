@@ -161,7 +161,8 @@ def process_runs(tmp_path_factory):
                                env={**two_node_env(port), "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     outs = {n: finish_train(proc) for n, proc in procs.items()}
-    outs["nodes"] = (nodes, port, [(a.returncode, *a.communicate(timeout=1800)) for a in agents])
+    results = [a.communicate(timeout=1800) for a in agents]
+    outs["nodes"] = (nodes, port, [(a.returncode, *r) for a, r in zip(agents, results)])
     return outs, folder
 
 

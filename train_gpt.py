@@ -3138,8 +3138,6 @@ def _pack_cu_seqlens(starts: list, T: int, L: int, max_len: int, state: dict, wh
     """
     if len(starts) > L - 1:
         if not state.get("warned"):
-            import warnings
-
             warnings.warn(
                 f"{what}: a micro-batch of {T} tokens holds {len(starts)} sequences, more "
                 f"than the {L - 1} that cu_seqlens (length {L}) can describe; adjacent short "

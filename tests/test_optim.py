@@ -279,46 +279,107 @@ def test_triton_sym_kernels_under_interpreter():
     run_interpreted("sym_kernels_check.py")
 
 
-H100_MAX_SHARED_BYTES = 227 * 1024  # dynamic shared memory one block may opt in to on sm90
+# ---- sm90 compiles (no GPU): tools/kernel_report.py, with a launch's specializations ----------
+sys.path.insert(0, os.path.join(HERE, "..", "tools"))
+import kernel_report  # noqa: E402
+
+SPILL_ALLOWED = 8  # bytes per thread: "a few"
 
 
-def compile_for_hopper(jit, types: dict, consts: dict, what: str, **options):
-    """Triton's sm90 compile of a JIT kernel (no GPU needed): `types` gives each runtime
-    argument's type, `consts` the constexprs. Skips where Triton cannot compile for CUDA.
-    Checks the machine code exists and the shared memory fits one H100 block."""
-    if tg.triton is None or tg.Machine.of("cpu").interpret:
-        pytest.skip("needs Triton's compiler (no TRITON_INTERPRET=1)")
+def sm90(family: str):
+    """Every config of a kernel family compiled for sm90 at the record's shapes, with the
+    specializations a GPU launch gives them (skips where Triton cannot compile for CUDA)."""
+    why = kernel_report.can_compile()
+    if why:
+        pytest.skip(f"no sm90 compile here: {why}")
+    figs = kernel_report.family_figures(family)
+    for f in figs:
+        assert f.shared <= kernel_report.H100["shared_per_block"], f"{family} [{f.config}]: {f.shared} B shared"
+        assert f.spilled <= SPILL_ALLOWED, f"{family} [{f.config}]: {f.spilled} B spilled"
+    return figs
+
+
+def test_blocks_per_sm_by_hand():
+    """H100 occupancy from registers, shared memory and warps, against hand-computed cases."""
+    # 128 regs x 32 lanes = 4096 per warp: 16 warps fit 64K; 8-warp blocks: 2 (shared would allow 3)
+    assert kernel_report.blocks_per_sm(128, 64 * 1024, 8) == (2, "registers")
+    # 255 regs round up to 256 x 32 = 8192 per warp: 8 warps, 2 blocks of 4
+    assert kernel_report.blocks_per_sm(255, 16 * 1024, 4) == (2, "registers")
+    # 64 regs: 32 warps by registers; 144 KB + 1 KB reserved of 228 KB: 1 block
+    assert kernel_report.blocks_per_sm(64, 144 * 1024, 4) == (1, "shared")
+    # tiny blocks: 32 blocks per SM at most
+    assert kernel_report.blocks_per_sm(16, 0, 1) == (32, "blocks")
+
+
+def test_sfu_counts_inside_and_outside_loops_of_handwritten_ptx():
+    ptx = "\n".join([
+        "\tex2.approx.f32 %f1, %f2;",  # before the loop
+        "$L__BB0_1:",
+        "\tmul.f32 %f3, %f1, %f1;",
+        "\t@%p1 ex2.approx.ftz.f32 %f4, %f3;",
+        "\tdiv.full.f32 %f5, %f4, %f3;",
+        "\tsqrt.rn.f32 %f6, %f5;",
+        "\t@%p2 bra $L__BB0_1;",
+        "\tlg2.approx.f32 %f7, %f6;",  # after it
+        "\tdiv.s32 %r1, %r2, %r3;",  # integer: not a special function
+        "\tbra.uni $L__BB0_3;",
+        "$L__BB0_3:",  # a forward branch is no loop
+        "\trcp.rn.f32 %f8, %f7;",
+    ])
+    assert kernel_report.sfu_counts(ptx) == (3, 3)
+
+
+@pytest.fixture(scope="module")
+def exp_sqrt_kernel():
     import triton
-    from triton.backends.compiler import GPUTarget
+    import triton.language as tl
 
-    if "nvidia" not in triton.backends.backends:
-        pytest.skip("this Triton has no NVIDIA backend")
-    sig = {name: "constexpr" if name in consts else types[name] for name in jit.arg_names}
-    src = triton.compiler.ASTSource(fn=jit, signature=sig,
-                                    constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
-    out = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options)
-    assert out.asm["cubin"], what
-    assert out.metadata.shared <= H100_MAX_SHARED_BYTES, f"{what}: {out.metadata.shared} B shared"
-    return out
+    @triton.jit
+    def rows_exp_sqrt(X, Y, N, BLOCK: tl.constexpr):
+        """Y[r] = sqrt(sum_n exp(X[r, n]) + sqrt(X[r, n])), one row r per program."""
+        r = tl.program_id(0).to(tl.int64)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for n0 in range(0, N, BLOCK):
+            x = tl.load(X + r * N + n0 + tl.arange(0, BLOCK))
+            acc += tl.exp(x) + tl.sqrt(x)
+        tl.store(Y + r, tl.sqrt(tl.sum(acc)))
+    return rows_exp_sqrt
+
+
+def test_kernel_report_counts_a_small_kernel(exp_sqrt_kernel):
+    """The report's figures of a kernel written for this test: per element 2 special functions
+    in the loop (exp, sqrt) plus 1 sqrt per row of N = 4096 (outside it), no spills, plain
+    (not asynchronous) loads, one loop trip's BLOCK fp32 loads per block in flight."""
+    why = kernel_report.can_compile()
+    if why:
+        pytest.skip(f"no sm90 compile here: {why}")
+    N, BLOCK, warps = 4096, 512, 4
+    launch = kernel_report.Launch("test", exp_sqrt_kernel, [(dict(BLOCK=BLOCK), warps, 3)],
+                                  dict(X="*fp32", Y="*fp32", N="i32"), dict(N=N),
+                                  elements=lambda m: N, trips=lambda m: N // m["BLOCK"], loads=lambda m: 4 * m["BLOCK"])
+    consts, divisible = launch.specialized()
+    assert consts == {} and set(divisible) == {"X", "Y", "N"}
+    f = kernel_report.figures_of(launch, dict(BLOCK=BLOCK), warps, 3)
+    threads = 32 * warps
+    # the last sqrt runs once per thread (on a scalar): it adds threads / N per element
+    assert f.sfu_per_element == pytest.approx(2 + threads / N, abs=1e-9), f.ptx.count("ex2")
+    assert 0 < f.regs <= 255 and f.spilled == 0 and not f.pipelined
+    assert f.blocks == kernel_report.blocks_per_sm(f.regs, f.shared, warps)[0]
+    assert f.in_flight == f.blocks * 4 * BLOCK
 
 
 def test_triton_sym_kernels_compile_for_hopper():
-    """No GPU needed: Triton compiles each autotune config of both kernels, for bf16 (the
-    record's Polar Express dtype), to sm90 machine code. The interpreter test above does not
-    catch code that only the real compiler rejects; here the PTX must also use Hopper's
-    warpgroup tensor-core instructions (wgmma), and the shared memory must fit one block."""
-    compiled = 0
-    for kernel in (tg._xxt_kernel, tg._ba_plus_caa_kernel):
-        jit = kernel.fn  # the autotuner wraps the JIT function
-        types = {name: "*bf16" if name in ("A", "C") else "fp32" if name in ("coef_b", "coef_c") else "i32"
-                 for name in jit.arg_names}
-        for cfg in kernel.configs:
-            what = f"{jit.__name__} {cfg}"
-            out = compile_for_hopper(jit, types, cfg.kwargs, what,
-                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            assert "wgmma.mma_async" in out.asm["ptx"], f"{what}: no wgmma in the PTX"
-            compiled += 1
-    assert compiled == 2 * len(tg._xxt_kernel.configs) >= 2
+    """No GPU needed: Triton compiles each autotune config of both symmetric kernels, for bf16
+    (the record's Polar Express dtype), to sm90 machine code at NorMuon's shapes with a
+    launch's specializations. The interpreter test above does not catch code that only the
+    real compiler rejects; here the PTX must also use Hopper's warpgroup tensor-core
+    instructions (wgmma), the main loop must be pipelined (cp.async) and nothing may spill."""
+    for family in ("symmetric X X^T", "symmetric b A + c A A"):
+        figs = sm90(family)
+        assert len(figs) == len(tg._xxt_kernel.configs) >= 2
+        for f in figs:
+            assert "wgmma.mma_async" in f.ptx, f"{family} [{f.config}]: no wgmma in the PTX"
+            assert f.pipelined, f"{family} [{f.config}]: main loop not pipelined"
 
 
 @pytest.mark.skipif(bool(INTERPRETER_BROKEN), reason=INTERPRETER_BROKEN)
@@ -331,55 +392,55 @@ def test_fused_kernels_under_interpreter():
     @ c_proj and the unfused bf16 MLP, the activation, output, grad_x and the gradients of
     c_fc and c_proj, with all-negative pre-activations."""
     out = run_interpreted("fused_kernels_check.py")
-    # loss head: 5 cases x (9 checks in one pass + 7 in two passes); MLP: 2 cases x 6
-    assert out.count("[PASS]") == 5 * (9 + 7) + 2 * 6 and "[FAIL]" not in out, out
+    # loss head: 5 cases x (10 checks in one pass + 7 in two passes); MLP: 2 cases x 6
+    assert out.count("[PASS]") == 5 * (10 + 7) + 2 * 6 and "[FAIL]" not in out, out
 
 
 def test_fused_loss_kernel_compiles_for_hopper():
-    """The loss kernel compiles to sm90 code with its GPU config and bf16 logits, given the
-    log-sum-exp's partial sums (one pass) or not (two); its e5m2 stores round to nearest
-    (cvt.rn), and its shared memory fits one H100 block."""
-    meta = dict(tg._FUSED_LOSS_META)
-    num_warps = meta.pop("num_warps")
-    types = dict(logits="*bf16", targets="*i64", weights="*fp32", partial="*fp32", loss_out="*fp32",
-                 g_out="*fp8e5", gt_out="*fp8e5", scale_ptr="*fp32", T="i32", V="i32", P="i32")
-    for given in (True, False):
-        out = compile_for_hopper(tg._mtp_loss_grad_kernel, types, {**meta, "LSE_GIVEN": given},
-                                 f"loss kernel, lse given: {given}", num_warps=num_warps)
-        assert "cvt.rn.satfinite.e5m2x2.f32" in out.asm["ptx"]
+    """Every config of the loss kernel compiles to sm90 code at the record's stage-3 shapes,
+    given the one-pass matmul's sigmoids and sums or not (two passes): its e5m2 stores round
+    to nearest (cvt.rn), nothing spills, every config holds 2+ blocks per SM, and with the
+    one-pass matmul's sigmoids it spends 1 special-function op per (T, V) element (the exp
+    of the softmax), 6 in two passes (a sigmoid's exp and division and an exp, twice)."""
+    for family, sfu in (("loss kernel (one pass)", 1.0), ("loss kernel (two passes)", 6.0)):
+        figs = sm90(family)
+        assert len(figs) >= 2
+        for f in figs:
+            assert "cvt.rn.satfinite.e5m2x2.f32" in f.ptx, f"{family} [{f.config}]"
+            assert f.blocks >= 2, f"{family} [{f.config}]: {f.blocks} block(s) per SM"
+            assert f.sfu_per_element == pytest.approx(sfu, abs=0.06), f"{family} [{f.config}]"
 
 
 def test_fp8_logits_kernel_compiles_for_hopper():
-    """Every autotune config of the one-pass head's FP8 matmul compiles for sm90 with e4m3
-    operands: the PTX uses wgmma on e4m3, rounds the logits to bf16 to nearest (cvt.rn),
-    and the shared memory fits one H100 block."""
-    jit = tg._fp8_logits_kernel.fn
-    types = {name: {"X": "*fp8e4nv", "W": "*fp8e4nv", "OUT": "*bf16", "PARTIAL": "*fp32", "scale": "fp32"}.get(name, "i32")
-             for name in jit.arg_names}
-    for cfg in tg._fp8_logits_kernel.configs:
-        what = f"fp8 logits {cfg}"
-        out = compile_for_hopper(jit, types, {**cfg.kwargs, "LSE_COLS": tg.LSE_COLUMNS}, what,
-                                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-        ptx = out.asm["ptx"]
-        assert "wgmma.mma_async" in ptx and "e4m3.e4m3" in ptx, f"{what}: no e4m3 wgmma in the PTX"
-        assert "cvt.rn.bf16" in ptx, f"{what}: no round-to-nearest bf16 conversion"
-    assert len(tg._fp8_logits_kernel.configs) >= 2
+    """Every autotune config of the one-pass head's FP8 matmul compiles for sm90 at the
+    record's shapes: e4m3 wgmma, a pipelined main loop, the sigmoids rounded to fp16 to
+    nearest (cvt.rn), no spills; one config holds 2 blocks per SM (its epilogue overlaps
+    another block's main loop); and the one-pass head, this epilogue and the loss kernel
+    together, spends at most 4 special-function ops per (T, V) element."""
+    figs = sm90("one-pass FP8 matmul")
+    assert len(figs) >= 2
+    for f in figs:
+        assert "wgmma.mma_async" in f.ptx and "e4m3.e4m3" in f.ptx, f"[{f.config}]: no e4m3 wgmma in the PTX"
+        assert "cvt.rn.f16.f32" in f.ptx, f"[{f.config}]: no round-to-nearest fp16 conversion"
+        assert f.pipelined, f"[{f.config}]: main loop not pipelined"
+    assert max(f.blocks for f in figs) >= 2
+    loss = sm90("loss kernel (one pass)")
+    assert max(f.sfu_per_element for f in figs) + max(f.sfu_per_element for f in loss) <= 4.0 + 1e-9
 
 
 def test_fused_mlp_kernel_compiles_for_hopper():
-    """Every autotune config of the MLP matmul, forward and backward epilogue, compiles for
-    sm90 with bf16 operands; the PTX uses wgmma and the shared memory fits one H100 block."""
-    jit = tg._mlp_matmul_kernel.fn
-    types = {name: "*bf16" if name in ("X", "W", "H", "OUT") else "i32" for name in jit.arg_names}
-    compiled = 0
-    for cfg in tg._mlp_matmul_kernel.configs:
-        for backward in (False, True):
-            what = f"{cfg} backward={backward}"
-            out = compile_for_hopper(jit, types, {**cfg.kwargs, "BACKWARD": backward}, what,
-                                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-            assert "wgmma.mma_async" in out.asm["ptx"], f"{what}: no wgmma in the PTX"
-            compiled += 1
-    assert compiled == 2 * len(tg._mlp_matmul_kernel.configs) >= 2
+    """Every autotune config of the MLP matmul, forward and backward (tuned apart), compiles
+    for sm90 with bf16 operands at the record's shapes: wgmma, a pipelined main loop, no
+    spills; the backward's epilogue takes one sqrt per element, the forward's none."""
+    for family, sfu, kernel in (("MLP matmul, forward", 0.0, tg._mlp_fwd_kernel),
+                                ("MLP matmul, backward", 1.0, tg._mlp_bwd_kernel)):
+        figs = sm90(family)
+        assert len(figs) == len(kernel.configs) >= 2
+        for f in figs:
+            assert "wgmma.mma_async" in f.ptx, f"{family} [{f.config}]: no wgmma in the PTX"
+            assert f.pipelined, f"{family} [{f.config}]: main loop not pipelined"
+            assert f.sfu_per_element == pytest.approx(sfu, abs=0.02), f"{family} [{f.config}]"
+    assert tg._mlp_fwd_kernel is not tg._mlp_bwd_kernel
 
 
 def test_sym_matmul_torch_fallback():

@@ -67,6 +67,8 @@ def test_preflight_passes_on_the_trainer(preflight_runs):
     assert "loss head (T, V) traffic per training micro-batch: 6.0 bytes/element (forward 6.0, backward 0.0)" in out
     assert re.search(r"^roofline step ms \(H100 SXM model\): stage 1: [0-9.]+, stage 2: [0-9.]+, "
                      r"stage 3: [0-9.]+, extension: [0-9.]+$", out, re.M), out[-2000:]
+    assert re.search(r"^roofline stage 3 by kind, ms: matmul: [0-9.]+, attention: [0-9.]+, memory-bound: [0-9.]+, "
+                     r"transcendental-bound: [0-9.]+, optimizer: [0-9.]+$", out, re.M), out[-2000:]
     assert "(T, V) tensors saved for the backward: float8_e5m2 (T, V), float8_e5m2 (V, T)" in out
     assert ("MLP (T, 4d) traffic per layer per training micro-batch: 6.0 bytes/element (forward 2.0, "
             "backward 4.0); (T, 4d) tensors saved for the backward per layer: 1") in out
@@ -153,3 +155,42 @@ def test_kernel_model_counts_the_mlps_traffic_as_counted_by_hand():
         found[mlp.__name__ + " saved"] = len(pf.saved_tv(graphs["forward"], T, 4 * d))
     assert found["unfused_mlp"] == (8.0, 8.0) and found["fused_mlp"] == (2.0, 4.0)
     assert found["unfused_mlp saved"] == 2 and found["fused_mlp saved"] == 1
+
+
+def test_kernel_model_counts_special_functions_and_prices_them_by_hand():
+    """The third roof. On a graph of known ops, per element: sigmoid 2 (exp and reciprocal),
+    exp 1, a division by a tensor 1, a division by a number 0 (a multiply); rsqrt once per
+    row of a (T, 1) reduction. Then the pricing rules on a kernel with figures given by hand:
+    too few loads in flight derate its bandwidth by their fraction; one block per SM adds a
+    matmul's special functions to its main loop instead of overlapping them."""
+    import torch
+
+    pf = load_preflight()
+    T, n = 64, 256
+
+    def f(x, y):
+        return torch.exp(torch.sigmoid(x / 7.5)) / y * torch.rsqrt(x.square().mean(-1, keepdim=True))
+
+    rec = pf.GraphRecorder()
+    g = torch.compile(f, backend=rec.backend_for("f"), fullgraph=True, dynamic=False)
+    g(torch.empty(T, n, device="meta"), torch.empty(T, n, device="meta"))
+    gm = next(gm for _, _, kind, gm in rec.graphs if kind == "forward")
+    kernels = pf.graph_kernels(gm)
+    assert sum(k.sfu for k in kernels) == T * n * (2 + 1 + 1) + T
+
+    H = pf.H100_SXM
+    bw = H["bandwidth"] * pf.ROOFLINE_EFFICIENCY["bandwidth"]
+    k = pf.Kernel("by hand", read=[(10 ** 9, 4 * 10 ** 9)], elements=10 ** 9)
+    fig = pf.kernel_report.Figures("f", "c", 4, 3, 64, 0, 0, blocks=2, limit="registers", pipelined=False,
+                                   sfu_per_element=1.0, in_flight=int(pf.kernel_report.BYTES_IN_FLIGHT_NEEDED / 2))
+    t = k.terms(fig)
+    assert t["bytes"] == pytest.approx(4e9 / (bw * 0.5), rel=1e-3) and t["sfu"] == pytest.approx(1e9 / H["sfu"])
+    mm = pf.Kernel("matmul by hand", flops=2e12, elements=10 ** 9)
+    fig.blocks = 1
+    serial = mm.terms(fig)
+    fig.blocks = 2
+    overlapped = mm.terms(fig)
+    matmul_s = 2e12 / (H["bf16"] * pf.ROOFLINE_EFFICIENCY["matmul"])
+    assert serial["flops"] == pytest.approx(matmul_s + 1e9 / H["sfu"]) and "sfu" not in serial
+    assert overlapped["flops"] == pytest.approx(matmul_s) and overlapped["sfu"] == pytest.approx(1e9 / H["sfu"])
+    assert mm.kind() == "matmul"

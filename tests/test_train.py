@@ -305,12 +305,12 @@ def test_resume_refuses_other_flags_or_process_counts(process_runs, tmp_path, ca
 # --- end to end -------------------------------------------------------------------------
 
 def test_run_sh_tiny_demo_learns_and_logs(tmp_path):
-    """./run.sh on this GPU-less machine: the tiny demo, its schedule shortened to half
+    """./run.sh on this GPU-less machine: the tiny demo, its schedule shortened to a quarter
     (run.sh passes the extra flags on), so that the suite stays short; every stage, the split
-    and the extension still run."""
+    and the extension still run, and the loss still falls by 2."""
     if shutil.which("bash") is None:
         pytest.skip("bash missing")
-    short = ["--num_scheduled_iterations=30", "--num_extension_iterations=2", "--val_loss_every=10"]
+    short = ["--num_scheduled_iterations=15", "--num_extension_iterations=1", "--val_loss_every=5"]
     out = subprocess.run(["bash", str(REPO / "run.sh"), f"--log_dir={tmp_path}", "--run_id=demo", *short], cwd=REPO,
                          env={**env(2), "PYTHON": sys.executable}, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -319,7 +319,7 @@ def test_run_sh_tiny_demo_learns_and_logs(tmp_path):
     assert first.startswith("run.sh: no GPU found") and "tiny" in first
     vals, _ = parse(stdout)
     N = tg.total_steps(tg.parse_args(["--preset=tiny", *short]))
-    assert N == 32 and [s for s, _ in vals] == [0, 10, 20, 30, 32]
+    assert N == 16 and [s for s, _ in vals] == [0, 5, 10, 15, 16]
     assert vals[0][1] == pytest.approx(10.83, abs=0.05)
     assert vals[-1][1] <= vals[0][1] - 2.0
     text = log.read_text()

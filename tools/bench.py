@@ -29,10 +29,29 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train_gpt as tg  # noqa: E402
 
-# The H100 SXM's peaks, for MFU here and the roofline model of tools/preflight.py: dense bf16
-# and FP8 tensor-core FLOP/s, HBM3 bytes/s (NVIDIA's data sheet)
-H100_SXM = dict(bf16=989e12, fp8=1979e12, bandwidth=3.35e12)
+# The H100 SXM, for MFU here, the roofline model of tools/preflight.py and the sm90 kernel
+# report of tools/kernel_report.py: dense bf16 and FP8 tensor-core FLOP/s and HBM3 bytes/s
+# (NVIDIA's data sheet); special-function ops/s (ex2, rcp, ...: 16 per SM per clock, the
+# FlashAttention-3 paper's 3.9 TFLOP/s); per SM: registers, shared memory (227 KB of it for
+# one block, 1 KB reserved per block), warps and blocks (CUDA's sm90 limits)
+H100_SXM = dict(bf16=989e12, fp8=1979e12, bandwidth=3.35e12, sfu=3.9e12, sms=132,
+                regs_per_sm=65536, shared_per_sm=228 * 1024, shared_per_block=227 * 1024,
+                shared_reserved=1024, warps_per_sm=64, blocks_per_sm=32)
 H100_BF16_FLOPS = H100_SXM["bf16"]
+
+
+def shard_writer():
+    """train_gpt.write_shard: the trainer's, or this repository's where the trainer is an
+    older script without it (tools/preflight.py --script=OTHER; the format is the same)."""
+    if hasattr(tg, "write_shard"):
+        return tg.write_shard
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_gpt_of_this_repository",
+                                                  Path(__file__).resolve().parents[1] / "train_gpt.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module.write_shard
 
 
 def write_synthetic_shards(folder: Path, train_tokens: int, val_tokens: int, seed: int = 0):
@@ -47,7 +66,7 @@ def write_synthetic_shards(folder: Path, train_tokens: int, val_tokens: int, see
         starts = np.cumsum(rng.geometric(1 / 400, size=n // 100 + 10))
         tokens[0] = tg.BOS_ID
         tokens[starts[starts < n]] = tg.BOS_ID
-        tg.write_shard(folder / name, tokens)
+        shard_writer()(folder / name, tokens)
 
 
 def attended_keys(cu_seqlens: torch.Tensor, T: int, window: int) -> int:

@@ -4,6 +4,7 @@
     python tools/preflight.py --preset tiny     # the same checks at the tiny size (CI runs this)
     python tools/preflight.py --kernels         # also inductor's fused kernel count (slow: minutes)
     python tools/preflight.py --roofline --script=OTHER/train_gpt.py   # modelled step times, this vs OTHER
+    python tools/preflight.py --sm90            # the Triton kernels' sm90 compiles (tools/kernel_report.py)
 
 A record attempt costs a rented GPU node and ~7 minutes of compiling; an edit that breaks
 the graph, recompiles in the timed run or makes the CPU wait for the GPU shows up here
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import operator
 import os
@@ -80,7 +82,10 @@ tg = _import_trainer()
 
 _spec = importlib.util.spec_from_file_location("bench", REPO / "tools" / "bench.py")
 bench = importlib.util.module_from_spec(_spec)
+sys.modules["bench"] = bench
 _spec.loader.exec_module(bench)
+sys.path.insert(0, str(REPO / "tools"))
+import kernel_report  # noqa: E402  (imports train_gpt: the module above, this script's or --script's)
 
 RECORD_STEP_MS = (33.2, 61.0, 87.6)  # the record's ms per step in the three batch stages (its logs)
 aten = torch.ops.aten
@@ -190,7 +195,8 @@ class DeviceOps(TorchDispatchMode):
             tensors = [x for x in flat if isinstance(x, torch.Tensor)]
             if "c10d" in str(func):  # communication: not in the roofline model
                 return out
-            k = Kernel(str(func), read=[_size(t) for t in tensors], written=[_size(out)])
+            k = Kernel(str(func), read=[_size(t) for t in tensors], written=[_size(out)],
+                       sfu=sfu_of(func, list(args), out))
             if func in MATMUL_OPS:
                 k.flops, k.operands, k.read = _matmul_flops(func, list(args)), k.read, []
             self.records.append(k)
@@ -246,33 +252,113 @@ def graph_ops(gm) -> int:
 # The roofline model (--roofline) and the loss head's (T, V) traffic
 # --------------------------------------------------------------------------------------
 # A model, not a measurement: each kernel of a step takes max(FLOPs / peak, bytes moved /
-# bandwidth, a floor per kernel) at the efficiencies below, and the step is their sum.
-# Kernels come from the graphs torch.compile records (forward and backward of a micro-batch,
-# the compiled optimizer pieces) and the optimizer's eager ops. A matmul, an attention call
-# or a hand-written kernel is one kernel; a custom op of train_gpt is expanded into the ops
-# of its body (compiled on CUDA); the elementwise and reduction ops between them fuse, as
-# inductor fuses them, into one kernel per connected group that no such kernel separates.
-# A kernel reads each tensor it gets from another kernel (or the graph's inputs) once and
-# writes each tensor it hands on once. Communication is not modelled.
+# bandwidth, special-function ops / their rate, a floor per kernel) at the efficiencies
+# below, and the step is their sum. Kernels come from the graphs torch.compile records
+# (forward and backward of a micro-batch, the compiled optimizer pieces) and the optimizer's
+# eager ops. A matmul, an attention call or a hand-written kernel is one kernel; a custom op
+# of train_gpt is expanded into the ops of its body (compiled on CUDA); the elementwise and
+# reduction ops between them fuse, as inductor fuses them, into one kernel per connected
+# group that no such kernel separates. A kernel reads each tensor it gets from another kernel
+# (or the graph's inputs) once and writes each tensor it hands on once. Special functions
+# (SFU_PER_ELEMENT: exp, log, sigmoid as exp plus reciprocal, rsqrt, sqrt, tanh, a division
+# by a tensor) are counted per output element of an inductor kernel's ops, and for a Triton
+# kernel of train_gpt from its sm90 PTX (tools/kernel_report.py). A Triton kernel is also
+# priced by what its compile shows (its best config, as its autotuner would pick): with
+# fewer loads in flight per SM than Little's law needs to hide the memory latency, its
+# bandwidth is derated by that fraction; with one block per SM a matmul's epilogue cannot
+# overlap another block's main loop, so its special functions add to the matmul instead of
+# overlapping it. Communication is not modelled.
 H100_SXM = bench.H100_SXM  # one definition of the peaks, in tools/bench.py
 ROOFLINE_EFFICIENCY = dict(matmul=0.75, attention=0.6, bandwidth=0.85, min_kernel_us=2.0)
 MATMUL_OPS = {aten.mm.default, aten.bmm.default, aten.addmm.default, aten.baddbmm.default, aten._scaled_mm.default}
 ATTENTION_FLOPS = {"preflight::varlen_attention": 4.0, "preflight::varlen_attention_backward": 10.0}  # per pair, dim
+SFU_PER_ELEMENT = {aten.exp.default: 1, aten.exp2.default: 1, aten.log.default: 1, aten.log2.default: 1,
+                   aten.sigmoid.default: 2, aten.tanh.default: 1, aten.rsqrt.default: 1, aten.sqrt.default: 1,
+                   aten.reciprocal.default: 1, aten.sin.default: 1, aten.cos.default: 1, aten.log1p.default: 1,
+                   aten.expm1.default: 1, aten._softmax.default: 2, aten._log_softmax.default: 1}
+KINDS = ("matmul", "attention", "memory-bound", "transcendental-bound", "optimizer")
+# the train_gpt custom ops that are one Triton kernel, and their family in tools/kernel_report.py
+TRITON_FAMILIES = {"train_gpt::fp8_sigmoid_lse": "one-pass FP8 matmul",
+                   "train_gpt::mlp_up_relu2": "MLP matmul, forward",
+                   "train_gpt::mlp_down_relu2_grad": "MLP matmul, backward"}
+
+
+def sfu_of(target, vals, out) -> float:
+    """Special-function ops an aten op does: SFU_PER_ELEMENT per output element; a division
+    by a tensor one per element (a Python number becomes a multiply)."""
+    n = _size(out)[0]
+    if target in (aten.div.Tensor, aten.div_.Tensor) and len(vals) > 1 and isinstance(vals[1], torch.Tensor):
+        return float(n)
+    if target is aten.pow.Tensor_Scalar and len(vals) > 1 and float(vals[1]) != int(vals[1]):
+        return float(n) * (1 if abs(vals[1]) == 0.5 else 2)  # sqrt / rsqrt, else exp(log(x) y)
+    return float(SFU_PER_ELEMENT.get(target, 0) * n)
+
+
+@functools.lru_cache(maxsize=None)
+def triton_figures(family: str):
+    """The sm90 figures of a Triton kernel family (tools/kernel_report.py), or the reason
+    there are none (no sm90 compiler here, or a script without that kernel)."""
+    why = kernel_report.can_compile()
+    if why:
+        return why
+    try:
+        return kernel_report.family_figures(family)
+    except Exception as e:  # an older --script without the kernel, a compile error
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
 class Kernel:
-    """One kernel of the model: its FLOPs and the (numel, bytes) of each tensor it reads as
-    a matmul operand (streamed through the tensor cores), reads otherwise, and writes."""
+    """One kernel of the model: its FLOPs, special-function ops and the (numel, bytes) of
+    each tensor it reads as a matmul operand (streamed through the tensor cores), reads
+    otherwise, and writes; `family`: a Triton kernel's family in the sm90 report, priced
+    by its figures per output element (`elements`)."""
 
-    def __init__(self, what, flops=0.0, fp8=False, attention=False, operands=(), read=(), written=()):
+    def __init__(self, what, flops=0.0, fp8=False, attention=False, operands=(), read=(), written=(), sfu=0.0,
+                 family=None, elements=0):
         self.what, self.flops, self.fp8, self.attention = what, flops, fp8, attention
         self.operands, self.read, self.written = list(operands), list(read), list(written)
+        self.sfu, self.family, self.elements = sfu, family, elements
+        self.optimizer = False
 
-    def seconds(self) -> float:
+    def terms(self, figures=None) -> dict:
+        """Seconds by roof: flops, bytes, sfu, floor (and serial: a matmul epilogue's special
+        functions that cannot overlap its main loop) under one config's sm90 figures."""
         eff = ROOFLINE_EFFICIENCY
         peak = H100_SXM["fp8" if self.fp8 else "bf16"] * eff["attention" if self.attention else "matmul"]
         moved = sum(b for _, b in self.operands + self.read + self.written)
-        return max(self.flops / peak, moved / (H100_SXM["bandwidth"] * eff["bandwidth"]), eff["min_kernel_us"] * 1e-6)
+        bandwidth = H100_SXM["bandwidth"] * eff["bandwidth"]
+        sfu = self.sfu
+        serial = False
+        if figures is not None:
+            bandwidth *= min(1.0, figures.latency_hidden)
+            sfu = figures.sfu_per_element * self.elements
+            serial = self.flops > 0 and figures.blocks < 2
+        t = dict(flops=self.flops / peak, bytes=moved / bandwidth, sfu=sfu / H100_SXM["sfu"],
+                 floor=eff["min_kernel_us"] * 1e-6)
+        if serial:
+            t["flops"] += t.pop("sfu")
+        return t
+
+    def priced(self) -> tuple[float, dict]:
+        """(seconds, the terms that price it): a Triton kernel at its best config."""
+        figs = triton_figures(self.family) if self.family else None
+        options = [self.terms(f) for f in figs] if isinstance(figs, tuple) and figs else [self.terms()]
+        best = min(options, key=lambda t: max(t.values()))
+        return max(best.values()), best
+
+    def seconds(self) -> float:
+        return self.priced()[0]
+
+    def kind(self) -> str:
+        """optimizer, attention, or by its largest roof: matmul, memory-bound (the floor
+        too) or transcendental-bound."""
+        if self.optimizer:
+            return "optimizer"
+        if self.attention:
+            return "attention"
+        _, t = self.priced()
+        top = max(t, key=t.get)
+        return {"flops": "matmul", "sfu": "transcendental-bound"}.get(top, "memory-bound")
 
 
 def _size(v) -> tuple[int, int]:
@@ -394,6 +480,8 @@ def graph_kernels(gm, attention_pairs=None, aliases=None) -> list[Kernel]:
             kernels[g] = [k]
             continue
         k = kernels.setdefault(g, [Kernel("fused elementwise/reduction")])[0]
+        k.sfu += sfu_of(n.target, [a.meta.get("val") if isinstance(a, torch.fx.Node) else a for a in n.args],
+                        n.meta["val"])
         for r, via in inputs[n]:
             size = _size(via.meta["val"])
             if group(r) is not g and (g, r, size) not in reads:  # each tensor (or part) read once
@@ -419,16 +507,20 @@ def _custom_op_kernels(node, name, attention_pairs) -> list[Kernel]:
         vals[names.index("compiled")] = False
     if name == "train_gpt::mtp_loss_grad_e5m2":  # hand-written: what its code moves per (T, V) element
         numel, partial = vals[0].numel(), vals[4]
-        per = tg.MTP_KERNEL_BYTES_PER_ELEMENT[partial.shape[1] > 0]  # given the lse's partial sums or not
-        return [Kernel(name, read=[(numel, per["read"] * numel), _size(partial)], written=[(numel, per["write"] * numel)])]
-    if name == "train_gpt::fp8_logits_lse":  # the one-pass head's FP8 matmul, its epilogue writing both outputs
+        one_pass = partial.shape[1] > 0  # given the lse's partial sums (and the sigmoids) or not
+        per = tg.MTP_KERNEL_BYTES_PER_ELEMENT[one_pass]
+        return [Kernel(name, read=[(numel, per["read"] * numel), _size(partial)], written=[(numel, per["write"] * numel)],
+                       family=f"loss kernel ({'one pass' if one_pass else 'two passes'})", elements=numel)]
+    if name in ("train_gpt::fp8_sigmoid_lse", "train_gpt::fp8_logits_lse"):  # the one-pass head's FP8 matmul
         x, w = vals[0], vals[1]
         return [Kernel(name, flops=2.0 * x.shape[0] * w.shape[0] * x.shape[1], fp8=True,
-                       operands=[_size(x), _size(w)], written=[_size(v) for v in node.meta["val"]])]
+                       operands=[_size(x), _size(w)], written=[_size(v) for v in node.meta["val"]],
+                       family=TRITON_FAMILIES.get(name), elements=x.shape[0] * w.shape[0])]
     if name in ("train_gpt::mlp_up_relu2", "train_gpt::mlp_down_relu2_grad"):  # x @ w^T, an epilogue
         x, w = vals[0], vals[1]
         return [Kernel(name, flops=2.0 * x.shape[0] * w.shape[0] * x.shape[1], operands=[_size(x), _size(w)],
-                       read=[_size(v) for v in vals[2:]], written=[_size(node.meta["val"])])]
+                       read=[_size(v) for v in vals[2:]], written=[_size(node.meta["val"])],
+                       family=TRITON_FAMILIES[name], elements=x.shape[0] * w.shape[0])]
     from torch.fx.experimental.proxy_tensor import make_fx
 
     body = torch._library.custom_ops.OPDEFS[name]._init_fn
@@ -639,10 +731,12 @@ def roofline_lines(per_step) -> list[str]:
     for s in per_step:
         by_stage.setdefault(s["stage"], []).append(s["roofline_ms"])
     names = ["stage 1", "stage 2", "stage 3", "extension"]
+    kinds = {kind: sum(s["by_kind"][kind] for s in s3) / len(s3) for kind in KINDS}
     return [f"loss head (T, V) traffic per training micro-batch: {fwd + bwd:.1f} bytes/element "
             f"(forward {fwd:.1f}, backward {bwd:.1f})",
             "roofline step ms (H100 SXM model): " + ", ".join(
-                f"{names[k]}: {sum(v) / len(v):.1f}" for k, v in sorted(by_stage.items()))]
+                f"{names[k]}: {sum(v) / len(v):.1f}" for k, v in sorted(by_stage.items())),
+            "roofline stage 3 by kind, ms: " + ", ".join(f"{kind}: {ms:.1f}" for kind, ms in kinds.items())]
 
 
 def gpu_trainer(args, world_size: int):
@@ -716,7 +810,13 @@ def step_counts(recorder: GraphRecorder, trainer, args, step: int, ops, opt_ops,
         bwd = [k for _, kind, i in model_calls if kind == "backward"
                for k in graph_kernels(recorder.graphs[i][3], pairs, aliases)]
         opt = opt_ops[2] + [k for _, _, i in opt_ops[1] for k in graph_kernels(recorder.graphs[i][3])]
+        for k in opt:
+            k.optimizer = True
         entry["roofline_ms"] = 1000 * sum(k.seconds() for k in fwd + bwd + opt)
+        entry["by_kind"] = {kind: 1000 * sum(k.seconds() for k in fwd + bwd + opt if k.kind() == kind)
+                            for kind in KINDS}
+        entry["triton"] = sorted({(k.family, triton_figures(k.family) if isinstance(triton_figures(k.family), str)
+                                   else "") for k in fwd + bwd + opt if k.family})
         entry["tv_traffic"] = (tv_traffic(fwd, T, V_pad), tv_traffic(bwd, T, V_pad))
         entry["saved"] = saved_tv(recorder.graphs[model_calls[0][2]][3], T, V_pad)
         H4 = 4 * args.model_dim  # the MLP's hidden width: (T, 4d) tensors, per layer
@@ -863,13 +963,18 @@ def report(t: Trace, step_ms, kernels: bool, roofline: bool) -> int:
         print(f"roofline model: H100 SXM {H100_SXM['bf16'] / 1e12:.0f} TFLOP/s bf16, {H100_SXM['fp8'] / 1e12:.0f} FP8, "
               f"{H100_SXM['bandwidth'] / 1e12:.2f} TB/s; assumed efficiency: matmuls {eff['matmul']:.0%}, attention "
               f"{eff['attention']:.0%}, bandwidth {eff['bandwidth']:.0%}, at least {eff['min_kernel_us']:.0f} us per "
-              f"kernel; communication not modelled (a model, not a measurement)")
+              f"kernel; {H100_SXM['sfu'] / 1e12:.1f}e12 special-function ops/s; Triton kernels derated below "
+              f"{kernel_report.BYTES_IN_FLIGHT_NEEDED / 1024:.0f} KB of loads in flight per SM; communication not "
+              f"modelled (a model, not a measurement)")
         s3 = next(s for s in reversed(per_step) if s["stage"] == 2)
         print(f"(T, V) tensors saved for the backward: {', '.join(s3['saved']) or 'none'}")
         fwd, bwd = s3["mlp_traffic"]
         print(f"MLP (T, 4d) traffic per layer per training micro-batch: {fwd + bwd:.1f} bytes/element "
               f"(forward {fwd:.1f}, backward {bwd:.1f}); (T, 4d) tensors saved for the backward per layer: "
               f"{s3['mlp_saved']:g}")
+        for family, why in s3["triton"]:
+            print(f"Triton kernel {family}: " + (f"priced without its sm90 figures ({why})" if why else
+                                                 "priced from its sm90 compile (tools/kernel_report.py), best config"))
         _last_roofline_lines[:] = roofline_lines(per_step)
         for line in _last_roofline_lines:
             print(line)
@@ -892,20 +997,22 @@ def report(t: Trace, step_ms, kernels: bool, roofline: bool) -> int:
     return 0
 
 
-_last_roofline_lines = []  # this script's two roofline lines, for compare_roofline
+_last_roofline_lines = []  # this script's three roofline lines, for compare_roofline
 
 
 def compare_roofline(script: str, rest: list[str]) -> int:
-    """--roofline --script=OTHER: the same preflight of OTHER in a child process, its two
-    roofline lines, and the ratios of this script's figures to OTHER's."""
+    """--roofline --script=OTHER: the same preflight of OTHER in a child process, its three
+    roofline lines, and the ratios of this script's figures to OTHER's (the stage-3 step by
+    kind as differences)."""
     import subprocess
 
     mine = _last_roofline_lines
     child = subprocess.run([sys.executable, __file__, "--roofline", f"--script={script}", *rest],
                            env={**os.environ, COMPARED_ENV: "1"}, capture_output=True, text=True)
-    theirs = [l for l in child.stdout.splitlines() if l.startswith(("loss head (T, V) traffic", "roofline step ms"))]
+    theirs = [l for l in child.stdout.splitlines()
+              if l.startswith(("loss head (T, V) traffic", "roofline step ms", "roofline stage 3 by kind"))]
     print(f"--script={script}:")
-    if child.returncode != 0 or len(theirs) != 2:
+    if child.returncode != 0 or len(theirs) != 3:
         print(child.stdout[-2000:] + child.stderr[-2000:])
         print("preflight: FAILED: the --script run did not finish")
         return 1
@@ -917,6 +1024,8 @@ def compare_roofline(script: str, rest: list[str]) -> int:
     names = ["stage 1", "stage 2", "stage 3", "extension"]
     print(f"ratio (this script / --script): loss head traffic {traffic:.2f}, roofline step "
           + ", ".join(f"{n} {r:.3f}" for n, r in zip(names, stages)))
+    print("stage 3 by kind, this script - --script (ms): " + ", ".join(
+        f"{kind} {a - b:+.1f}" for kind, a, b in zip(KINDS, num(mine[2]), num(theirs[2]))))
     return 0
 
 
@@ -930,7 +1039,11 @@ def main(argv=None) -> int:
                     help="also the loss head's (T, V) traffic and a modelled step time per stage (H100 SXM); "
                          "with --script, for both scripts and their ratios")
     ap.add_argument("--script", default=None, help="check this train_gpt.py instead of the repository's")
+    ap.add_argument("--sm90", action="store_true",
+                    help="only the sm90 kernel report of the Triton kernels (tools/kernel_report.py)")
     known, rest = ap.parse_known_args(argv)
+    if known.sm90:
+        return kernel_report.main()
     try:
         args = tg.parse_args(rest)
         step_ms = RECORD_STEP_MS if args.preset == "record" else None

@@ -689,7 +689,10 @@ fp8_mm.register_autograd(_fp8_mm_backward, setup_context=_fp8_mm_setup_context)
 # (one read) + 1 + 1 (two e5m2 layouts) = 6 bytes, two passes 8, against 12 for the unfused
 # head (tools/preflight.py --roofline counts them).
 FUSED_LOSS_MAX_K = 3  # multi-token predictions the kernel handles (the weights are padded to it)
-FUSED_LOSS_PATHS = ("one pass", "two passes")  # the fused forms, in the order --fused_loss=on prefers
+# the fused forms, in the order --fused_loss=on prefers: the roofline model (tools/preflight.py)
+# prices one pass lower on every roof (6 bytes and 4 special-function ops per (T, V) element
+# against 8 and 6, the matmul the same); under auto the start-up timing decides
+FUSED_LOSS_PATHS = ("one pass", "two passes")
 LSE_COLUMNS = 64  # the one-pass matmul's partial sums: one per row and per 64 columns
 
 if triton is not None:

@@ -41,16 +41,22 @@ def edited_trainer(folder: Path) -> Path:
     return script
 
 
-@pytest.fixture(scope="module")
-def preflight_runs(tmp_path_factory):
-    """Both preflights of this file, started together (each is one thread: on CI's two cores
-    they run side by side): {"trainer": the trainer with --roofline, "edited": the edited
-    copy on a 9-step schedule without an extension (fewer shapes to compile; its last step is
-    one the warm-up does not visit)}, each (exit code, output)."""
+def start_preflight_runs(tmp_path_factory) -> dict:
+    """Both preflights of this file, started now (each is one thread): {"trainer": the
+    trainer with --roofline, "edited": the edited copy on a 9-step schedule without an
+    extension (fewer shapes to compile; its last step is one the warm-up does not visit)}.
+    conftest.py starts them when the session starts, so that they run on the core the
+    in-process tests before this file leave idle."""
     script = edited_trainer(tmp_path_factory.mktemp("edited"))
-    procs = dict(trainer=start_preflight("--roofline"),
-                 edited=start_preflight(f"--script={script}", "--num_scheduled_iterations=9",
-                                        "--num_extension_iterations=0"))
+    return dict(trainer=start_preflight("--roofline"),
+                edited=start_preflight(f"--script={script}", "--num_scheduled_iterations=9",
+                                       "--num_extension_iterations=0"))
+
+
+@pytest.fixture(scope="module")
+def preflight_runs(early_runs, tmp_path_factory):
+    """The two preflights' (exit code, output), by name (start_preflight_runs)."""
+    procs = early_runs.get("preflight") or start_preflight_runs(tmp_path_factory)
     return {name: finish(proc) for name, proc in procs.items()}
 
 

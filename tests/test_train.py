@@ -69,7 +69,7 @@ def small_args(**kw):
 
 def test_warmup_then_reset_is_bit_identical_to_a_fresh_start():
     torch.set_num_threads(2)
-    args = small_args()
+    args = small_args(num_scheduled_iterations=3)  # 4 steps: every stage, the split and the extension
     fresh = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
     warmed = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
     assert set(tg.warmup_steps(args)) >= {0, 1, 2, tg.split_step(args)}
@@ -610,7 +610,7 @@ def test_resume_after_the_warm_up_continues_from_the_checkpoint(tmp_path):
     initial state), then the checkpoint restored; the next steps equal those of the run
     that wrote the checkpoint (eager here: the warm-up's steps run without compiling)."""
     torch.set_num_threads(2)
-    args = small_args(log_dir=tmp_path)
+    args = small_args(log_dir=tmp_path, num_scheduled_iterations=4)  # 5 steps, 5 of them warmed up
     a = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
     a.restart_data()
     for step in range(3):

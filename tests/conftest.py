@@ -12,21 +12,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 
 
+EARLY_NICE = 10  # the early runs' priority: below the tests in the foreground, which keep their pace
+
+
 @pytest.fixture(scope="session", autouse=True)
 def early_runs(request, tmp_path_factory):
     """Long subprocess runs that a later test file reads, started when the session starts
-    if that file's tests are in it: the two preflights of test_preflight.py (two single-
-    threaded processes of about a minute) then overlap the in-process tests before them,
-    which leave one of CI's two cores idle. {name: what the file's starter returned};
-    anything still running at the end of the session is killed."""
-    modules = {item.module.__name__ for item in request.session.items}
+    (if a test that reads them is in it) at a lower priority, so that they use the core the
+    in-process tests before that file leave idle (CI has two) without slowing them: the
+    two preflights of test_preflight.py (start_preflight_runs) and the 1/2/4-process and
+    two-node runs of test_train.py (start_process_runs). {name: what the starter returned};
+    the file's fixture finishes them, and anything still running at the end is killed."""
+    wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
     runs = {}
-    if "test_preflight" in modules:
+    if "preflight_runs" in wanted:
         import test_preflight
-        runs["preflight"] = test_preflight.start_preflight_runs(tmp_path_factory)
+        runs["preflight"] = test_preflight.start_preflight_runs(tmp_path_factory, nice=EARLY_NICE)
+    if "process_runs" in wanted:
+        import test_train
+        runs["process"] = test_train.start_process_runs(tmp_path_factory, nice=EARLY_NICE)
     yield runs
-    for procs in runs.values():
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
+    procs = list(runs.get("preflight", {}).values())
+    procs += list(runs.get("process", {}).get("procs", {}).values()) + runs.get("process", {}).get("agents", [])
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()

@@ -12,11 +12,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_preflight(*args):
-    """The preflight of the tiny preset in a subprocess (one thread), started now."""
+def start_preflight(*args, nice=0):
+    """The preflight of the tiny preset in a subprocess (one thread), started now (at a
+    lower priority with `nice`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     return subprocess.Popen([sys.executable, str(REPO / "tools" / "preflight.py"), "--preset=tiny", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
 
 
 def finish(proc):
@@ -41,16 +43,16 @@ def edited_trainer(folder: Path) -> Path:
     return script
 
 
-def start_preflight_runs(tmp_path_factory) -> dict:
+def start_preflight_runs(tmp_path_factory, nice=0) -> dict:
     """Both preflights of this file, started now (each is one thread): {"trainer": the
     trainer with --roofline, "edited": the edited copy on a 9-step schedule without an
     extension (fewer shapes to compile; its last step is one the warm-up does not visit)}.
-    conftest.py starts them when the session starts, so that they run on the core the
-    in-process tests before this file leave idle."""
+    conftest.py starts them when the session starts, at a lower priority (`nice`), so that
+    they run on what the in-process tests before this file leave idle."""
     script = edited_trainer(tmp_path_factory.mktemp("edited"))
-    return dict(trainer=start_preflight("--roofline"),
+    return dict(trainer=start_preflight("--roofline", nice=nice),
                 edited=start_preflight(f"--script={script}", "--num_scheduled_iterations=9",
-                                       "--num_extension_iterations=0"))
+                                       "--num_extension_iterations=0", nice=nice))
 
 
 @pytest.fixture(scope="module")

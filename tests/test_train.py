@@ -33,14 +33,20 @@ def free_port():
         return s.getsockname()[1]
 
 
-def start_train(args, nproc=1):
+def niced(nice):
+    """preexec_fn of a process started at a lower priority (conftest.py's early runs)."""
+    return (lambda: os.nice(nice)) if nice else None
+
+
+def start_train(args, nproc=1, nice=0):
     """train_gpt.py on nproc gloo processes, one thread each, started now (Popen)."""
     if nproc == 1:
         cmd = [sys.executable, "train_gpt.py", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "train_gpt.py", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(cmd, cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=niced(nice))
 
 
 def finish_train(proc):
@@ -144,26 +150,34 @@ def two_node_env(port: int) -> dict:
             "MASTER_PORT": str(port)}
 
 
-@pytest.fixture(scope="module")
-def process_runs(tmp_path_factory):
+def start_process_runs(tmp_path_factory, nice=0) -> dict:
     """Short tiny runs on 1, 2 and 4 gloo processes with checkpoints after steps 5 and 7 and
-    the final model saved: {n: stdout}, and the folder of their logs, checkpoints and
-    models. The equivalence, resume and two-node tests below share them. All of them, and
-    the two-node test's two agents (run.sh with NNODES=2; outs["nodes"] holds (the folder,
-    the port, [(returncode, stdout, stderr) of node 0 and node 1])), start together: each
-    process has one thread, so on CI's two cores they fill both."""
+    the final model saved, and the two-node test's two agents (run.sh with NNODES=2), all
+    started now: each process has one thread, so on CI's two cores they fill both.
+    conftest.py starts them when the session starts, at a lower priority (`nice`), so that
+    they use what the tests before this file leave idle."""
     folder, nodes = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("nodes")
     common = SHORT + ["--val_loss_every=4", f"--log_dir={folder}"]
     procs = {n: start_train(common + [f"--save_model={folder / f'p{n}.pt'}", f"--run_id=p{n}",
-                                      "--checkpoint_every=5"], nproc=n) for n in (1, 2, 4)}
+                                      "--checkpoint_every=5"], nproc=n, nice=nice) for n in (1, 2, 4)}
     port = free_port()
     agents = [subprocess.Popen(["bash", str(REPO / "run.sh"), *two_node_flags(nodes)], cwd=REPO,
                                env={**two_node_env(port), "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
-    outs = {n: finish_train(proc) for n, proc in procs.items()}
-    results = [a.communicate(timeout=1800) for a in agents]
-    outs["nodes"] = (nodes, port, [(a.returncode, *r) for a, r in zip(agents, results)])
-    return outs, folder
+                               stderr=subprocess.PIPE, text=True, preexec_fn=niced(nice)) for r in (0, 1)]
+    return dict(folder=folder, nodes=nodes, port=port, procs=procs, agents=agents)
+
+
+@pytest.fixture(scope="module")
+def process_runs(early_runs, tmp_path_factory):
+    """The runs of start_process_runs, finished: {n: stdout} for 1, 2 and 4 processes and
+    outs["nodes"] = (the folder, the port, [(returncode, stdout, stderr) of node 0 and node
+    1]), and the folder of their logs, checkpoints and models. The equivalence, resume and
+    two-node tests below share them."""
+    started = early_runs.get("process") or start_process_runs(tmp_path_factory)
+    outs = {n: finish_train(proc) for n, proc in started["procs"].items()}
+    results = [a.communicate(timeout=1800) for a in started["agents"]]
+    outs["nodes"] = (started["nodes"], started["port"], [(a.returncode, *r) for a, r in zip(started["agents"], results)])
+    return outs, started["folder"]
 
 
 def test_same_losses_and_parameters_with_1_2_and_4_processes(process_runs):

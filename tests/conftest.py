@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 
 
-EARLY_NICE = 10  # the early runs' priority: below the tests in the foreground, which keep their pace
+EARLY_NICE = 19  # the early runs run only on CPU time the tests in the foreground leave idle
 
 
 @pytest.fixture(scope="session", autouse=True)

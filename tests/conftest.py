@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -16,29 +17,66 @@ os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 EARLY_NICE = 19  # the early runs get little CPU while a test in the foreground wants it
 
 
+class EarlyRuns:
+    """Long subprocess runs that a later test file reads, started in the background one group
+    after another: `get(name)` waits until that group has started and returns what its
+    starter returned (a dict holding its Popen objects)."""
+
+    def __init__(self, starters):
+        self.started, self.ready = {}, {name: threading.Event() for name, _ in starters}
+        self.lock, self.stopping = threading.Lock(), False
+        self.thread = threading.Thread(target=self._run, args=(starters,), daemon=True)
+        self.thread.start()
+
+    def _run(self, starters):
+        for name, start in starters:
+            try:
+                with self.lock:  # no group starts once the session has ended (stop)
+                    if not self.stopping:
+                        self.started[name] = start()
+            finally:
+                self.ready[name].set()
+            for proc in self.procs(name):  # the next group starts when this one has ended
+                proc.wait()
+
+    def stop(self) -> list:
+        """No further group starts; the processes started so far."""
+        with self.lock:
+            self.stopping = True
+            return self.procs()
+
+    def get(self, name):
+        if name not in self.ready:
+            return None
+        self.ready[name].wait()
+        return self.started.get(name)
+
+    def procs(self, name=None):
+        names = [name] if name else list(self.started)
+        return [p for n in names for p in _leaves(self.started.get(n)) if isinstance(p, subprocess.Popen)]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def early_runs(request, tmp_path_factory):
     """Long subprocess runs that a later test file reads, started when the session starts
-    (if a test that reads them is in it) at a lower priority, so that they use the core the
-    in-process tests before that file leave idle (CI has two) without slowing them: the
-    two preflights of test_preflight.py (start_preflight_runs), the 1/2/4-process and
-    two-node runs (start_process_runs) and the run.sh demo (start_demo) of test_train.py.
-    {name: what the starter returned};
-    the file's fixture finishes them, and anything still running at the end is stopped."""
+    (if a test that reads them is in it), at the lowest priority and one group after the
+    other, so that they use the core the in-process tests leave idle (CI has two) without
+    slowing them: the two preflights of test_preflight.py (start_preflight_runs), then the
+    1/2/4-process and two-node runs of test_train.py (start_process_runs). (Not the run.sh
+    demo: its two threads spin while they wait for each other, wasting a starved core.) The
+    file's fixture finishes them (EarlyRuns.get); anything still running at the end is
+    stopped."""
     wanted = {name for item in request.session.items for name in getattr(item, "fixturenames", ())}
-    runs = {}
+    starters = []
     if "preflight_runs" in wanted:
         import test_preflight
-        runs["preflight"] = test_preflight.start_preflight_runs(tmp_path_factory, nice=EARLY_NICE)
+        starters.append(("preflight", lambda: test_preflight.start_preflight_runs(tmp_path_factory, nice=EARLY_NICE)))
     if "process_runs" in wanted:
         import test_train
-        runs["process"] = test_train.start_process_runs(tmp_path_factory, nice=EARLY_NICE)
-    if "demo_run" in wanted:
-        import test_train
-        runs["demo"] = test_train.start_demo(tmp_path_factory, nice=EARLY_NICE)
+        starters.append(("process", lambda: test_train.start_process_runs(tmp_path_factory, nice=EARLY_NICE)))
+    runs = EarlyRuns(starters)
     yield runs
-    procs = [p for p in _leaves(runs) if isinstance(p, subprocess.Popen)]
-    for proc in procs:  # SIGTERM first: a torchrun agent then stops its workers
+    for proc in runs.stop():  # SIGTERM first: a torchrun agent then stops its workers
         if proc.poll() is None:
             proc.terminate()
             try:

@@ -321,33 +321,17 @@ def test_resume_refuses_other_flags_or_process_counts(process_runs, tmp_path, ca
 DEMO_FLAGS = ["--num_scheduled_iterations=15", "--num_extension_iterations=1", "--val_loss_every=5"]
 
 
-def start_demo(tmp_path_factory, nice=0) -> dict:
-    """./run.sh on this GPU-less machine (the tiny demo, its schedule shortened to a quarter:
-    run.sh passes the extra flags on), started now; conftest.py starts it with the session."""
-    folder = tmp_path_factory.mktemp("demo")
-    proc = subprocess.Popen(["bash", str(REPO / "run.sh"), f"--log_dir={folder}", "--run_id=demo", *DEMO_FLAGS],
-                            cwd=REPO, env={**env(2), "PYTHON": sys.executable}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, preexec_fn=niced(nice))
-    return dict(folder=folder, proc=proc)
-
-
-@pytest.fixture(scope="module")
-def demo_run(early_runs, tmp_path_factory):
-    """The demo of start_demo, finished: (exit code, stdout, stderr, its log folder)."""
+def test_run_sh_tiny_demo_learns_and_logs(tmp_path):
+    """./run.sh on this GPU-less machine: the tiny demo, its schedule shortened to a quarter
+    (run.sh passes the extra flags on), so that the suite stays short; every stage, the split
+    and the extension still run, and the loss still falls by 2."""
     if shutil.which("bash") is None:
         pytest.skip("bash missing")
-    started = early_runs.get("demo") or start_demo(tmp_path_factory)
-    out, err = started["proc"].communicate(timeout=1800)
-    return started["proc"].returncode, out, err, started["folder"]
-
-
-def test_run_sh_tiny_demo_learns_and_logs(demo_run):
-    """./run.sh on this GPU-less machine: the tiny demo, its schedule shortened to a quarter
-    so that the suite stays short; every stage, the split and the extension still run, and
-    the loss still falls by 2."""
-    code, stdout, stderr, folder = demo_run
-    assert code == 0, stdout[-3000:] + stderr[-3000:]
-    log = folder / "demo.txt"
+    out = subprocess.run(["bash", str(REPO / "run.sh"), f"--log_dir={tmp_path}", "--run_id=demo", *DEMO_FLAGS],
+                         cwd=REPO, env={**env(2), "PYTHON": sys.executable}, capture_output=True, text=True,
+                         timeout=1800)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    stdout, log = out.stdout, tmp_path / "demo.txt"
     first = stdout.splitlines()[0]
     assert first.startswith("run.sh: no GPU found") and "tiny" in first
     vals, _ = parse(stdout)

@@ -122,6 +122,7 @@ def launches(shapes: dict | None = None) -> list[Launch]:
             f"loss kernel ({'one pass' if one_pass else 'two passes'})", _jit(tg._mtp_loss_grad_kernel),
             _configs(tg._mtp_loss_grad_kernel), types, dict(T=T, V=V, P=P if one_pass else 0),
             consts=dict(ONE_PASS=one_pass),
+            # trips V / BLOCK_V, not rounded up: ops per element computed, a row's masked tail left out
             elements=lambda m, V=V: m["BLOCK_T"] * V, trips=lambda m, V=V: V / m["BLOCK_V"],
             loads=lambda m: 2 * m["BLOCK_T"] * m["BLOCK_V"]))
     mm = dict(M="i32", N="i32", K="i32", stride_xm="i32", stride_xk="i32", stride_wn="i32", stride_wk="i32")

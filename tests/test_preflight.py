@@ -16,9 +16,10 @@ def start_preflight(*args, nice=0):
     """The preflight of the tiny preset in a subprocess (one thread), started now (at a
     lower priority with `nice`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    return subprocess.Popen([sys.executable, str(REPO / "tools" / "preflight.py"), "--preset=tiny", *args],
-                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            preexec_fn=(lambda: os.nice(nice)) if nice else None)
+    cmd = [sys.executable, str(REPO / "tools" / "preflight.py"), "--preset=tiny", *args]
+    if nice:  # by the `nice` program: no Python runs between fork and exec (conftest uses a thread)
+        cmd = ["nice", "-n", str(nice), *cmd]
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc):

@@ -33,9 +33,10 @@ def free_port():
         return s.getsockname()[1]
 
 
-def niced(nice):
-    """preexec_fn of a process started at a lower priority (conftest.py's early runs)."""
-    return (lambda: os.nice(nice)) if nice else None
+def niced(cmd, nice=0):
+    """cmd run at a lower priority (conftest.py's early runs) by the `nice` program: no
+    Python runs between fork and exec (conftest starts them from a thread)."""
+    return ["nice", "-n", str(nice), *cmd] if nice else cmd
 
 
 def start_train(args, nproc=1, nice=0):
@@ -45,8 +46,8 @@ def start_train(args, nproc=1, nice=0):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "train_gpt.py", *args]
-    return subprocess.Popen(cmd, cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=niced(nice))
+    return subprocess.Popen(niced(cmd, nice), cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
 
 
 def finish_train(proc):
@@ -161,9 +162,9 @@ def start_process_runs(tmp_path_factory, nice=0) -> dict:
     procs = {n: start_train(common + [f"--save_model={folder / f'p{n}.pt'}", f"--run_id=p{n}",
                                       "--checkpoint_every=5"], nproc=n, nice=nice) for n in (1, 2, 4)}
     port = free_port()
-    agents = [subprocess.Popen(["bash", str(REPO / "run.sh"), *two_node_flags(nodes)], cwd=REPO,
+    agents = [subprocess.Popen(niced(["bash", str(REPO / "run.sh"), *two_node_flags(nodes)], nice), cwd=REPO,
                                env={**two_node_env(port), "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, preexec_fn=niced(nice)) for r in (0, 1)]
+                               stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     return dict(folder=folder, nodes=nodes, port=port, procs=procs, agents=agents)
 
 

@@ -3845,6 +3845,8 @@ class RunStop:
         if log is not None and log.path is not None:
             with contextlib.suppress(Exception):
                 log(message, console=False)
+        with contextlib.suppress(Exception):
+            sys.stdout.flush()
         os._exit(2)
 
     @staticmethod
@@ -4093,7 +4095,7 @@ def main(argv=None):
     rank = int(os.environ.get("RANK", 0))
     world_size = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    log, trainer, peer_gone = None, None, False
+    log, trainer = None, None
     try:
         args = parse_args(argv)
         check_config(args, world_size)
@@ -4152,11 +4154,12 @@ def main(argv=None):
             raise
         reason = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         hint = trainer.resume_hint() if trainer is not None else "no checkpoint to resume from"
-        peer_gone = True
-        stop.last_line(log, f"error: a peer process stopped or its connection closed{_at_step(trainer)} "
-                        f"({reason}); {hint}", 2)
+        # not through the interpreter's teardown: with the peer gone, gloo's threads may still
+        # be running, and destroying them there aborts the process (SIGABRT) instead of exit 2
+        stop.hard_stop(log, f"error: a peer process stopped or its connection closed{_at_step(trainer)} "
+                            f"({reason}); {hint}")
     finally:
-        if dist.is_initialized() and not peer_gone:  # with a dead peer, tearing down may block
+        if dist.is_initialized():  # (a dead peer ended the process above: tearing down may block)
             dist.destroy_process_group()
 
 

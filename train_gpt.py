@@ -704,11 +704,17 @@ if triton is not None:
                                 key=["T", "V", "ONE_PASS"], names=("BLOCK_T", "BLOCK_V"))
 
     @triton.jit
-    def _softcap_z(x, ONE_PASS: tl.constexpr):
-        """z = 23 s from what the loss kernel reads: s itself (one pass) or the logit."""
-        if ONE_PASS:
-            return 23.0 * x
-        return 23.0 * tl.sigmoid((x + 5.0) * (1.0 / 7.5))
+    def _softcap_s(x, GIVEN: tl.constexpr):
+        """The softcap's sigmoid s = sigmoid((l + 5) / 7.5) (z = 23 s): x itself where it is
+        given (the one-pass matmul's fp16 s), else of the logit x."""
+        if GIVEN:
+            return x
+        return tl.sigmoid((x + 5.0) * (1.0 / 7.5))
+
+    @triton.jit
+    def _z_at(x_in, rows64, V, cols, ok, ONE_PASS: tl.constexpr):
+        """z = 23 s of each row at one column (the loss kernel's rows, where ok)."""
+        return 23.0 * _softcap_s(tl.load(x_in + rows64 * V + cols, mask=ok, other=0.0).to(tl.float32), ONE_PASS)
 
     @_loss_autotune
     @triton.jit
@@ -736,7 +742,7 @@ if triton is not None:
                 cols = v0 + tl.arange(0, BLOCK_V)
                 ok = row_ok[:, None] & (cols[None, :] < V)
                 x = tl.load(x_in + rows64[:, None] * V + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-                z = 23.0 * tl.sigmoid((x + 5.0) * (1.0 / 7.5))
+                z = 23.0 * _softcap_s(x, False)
                 total += tl.sum(tl.where(ok, tl.exp(z), 0.0), axis=1)
         lse = tl.log(tl.where(row_ok, total, 1.0))
         # the targets of offsets 0, 1, 2 and their weights (0 past the end, or past K)
@@ -750,18 +756,14 @@ if triton is not None:
         W = w0 + w1 + w2
         scale = tl.load(scale_ptr)
         # the picked softcapped logits z[t, target_{t+k}], read at the targets
-        picked = w0 * _softcap_z(tl.load(x_in + rows64 * V + t0, mask=ok0, other=0.0).to(tl.float32), ONE_PASS) \
-            + w1 * _softcap_z(tl.load(x_in + rows64 * V + t1, mask=ok1, other=0.0).to(tl.float32), ONE_PASS) \
-            + w2 * _softcap_z(tl.load(x_in + rows64 * V + t2, mask=ok2, other=0.0).to(tl.float32), ONE_PASS)
+        picked = w0 * _z_at(x_in, rows64, V, t0, ok0, ONE_PASS) + w1 * _z_at(x_in, rows64, V, t1, ok1, ONE_PASS) \
+            + w2 * _z_at(x_in, rows64, V, t2, ok2, ONE_PASS)
         # the pass over the row: the e5m2 gradient
         for v0 in range(0, V, BLOCK_V):
             cols = v0 + tl.arange(0, BLOCK_V)
             ok = row_ok[:, None] & (cols[None, :] < V)
             x = tl.load(x_in + rows64[:, None] * V + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-            if ONE_PASS:
-                s = x
-            else:
-                s = tl.sigmoid((x + 5.0) * (1.0 / 7.5))
+            s = _softcap_s(x, ONE_PASS)
             dz = W[:, None] * tl.exp(23.0 * s - lse[:, None])
             dz = dz - tl.where(cols[None, :] == t0[:, None], w0[:, None], 0.0) \
                 - tl.where(cols[None, :] == t1[:, None], w1[:, None], 0.0) \
@@ -792,7 +794,7 @@ if triton is not None:
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         acc = _tile_matmul(X, W, M, N, K, stride_xm, stride_xk, stride_wn, stride_wk, offs_m, offs_n,
                            BLOCK_M, BLOCK_N, BLOCK_K)
-        s = tl.sigmoid((acc * scale + 5.0) * (1.0 / 7.5)).to(OUT.dtype.element_ty)
+        s = _softcap_s(acc * scale, False).to(OUT.dtype.element_ty)
         ok = (offs_m[:, None] < M) & (offs_n[None, :] < N)
         tl.store(OUT + offs_m[:, None].to(tl.int64) * N + offs_n[None, :], s, mask=ok)
         e = tl.where(ok, tl.exp(23.0 * s.to(tl.float32)), 0.0)
@@ -865,12 +867,12 @@ def _fused_head_forward_body(x: Tensor, w: Tensor, targets: Tensor, weights: Ten
                              one_pass: bool, compiled: bool):
     if one_pass:
         x_f8, w_f8 = _fp8_body(_fp8_quantize, compiled)(x, w)
-        logits, partial = fp8_sigmoid_lse(x_f8, w_f8)  # the sigmoids, not the logits
+        x_in, partial = fp8_sigmoid_lse(x_f8, w_f8)  # what the loss kernel reads: the fp16 sigmoids
     else:
-        logits, x_f8, w_f8 = _fp8_body(_fp8_mm_body, compiled)(x, w, FP8_X_SCALE, FP8_W_SCALE)
+        x_in, x_f8, w_f8 = _fp8_body(_fp8_mm_body, compiled)(x, w, FP8_X_SCALE, FP8_W_SCALE)  # or the bf16 logits
         partial = x.new_empty(x.size(0), 0, dtype=torch.float32)
     scale = _f32_scalar(grad_scale / FP8_GRAD_SCALE, x)
-    loss, g, gt = mtp_loss_grad_e5m2(logits, targets, weights, scale, partial)
+    loss, g, gt = mtp_loss_grad_e5m2(x_in, targets, weights, scale, partial)
     return loss.sum(), g, gt, x_f8, w_f8
 
 

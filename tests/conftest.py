@@ -14,7 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
 
 
-EARLY_NICE = 19  # the early runs get little CPU while a test in the foreground wants it
+# the early runs' command prefix: the lowest priority, so they get little CPU while a test
+# in the foreground wants it; by the `nice` program, so that no Python runs between fork and
+# exec (they are started from a thread)
+EARLY_PREFIX = ("nice", "-n", "19")
 
 
 class EarlyRuns:
@@ -70,10 +73,10 @@ def early_runs(request, tmp_path_factory):
     starters = []
     if "preflight_runs" in wanted:
         import test_preflight
-        starters.append(("preflight", lambda: test_preflight.start_preflight_runs(tmp_path_factory, nice=EARLY_NICE)))
+        starters.append(("preflight", lambda: test_preflight.start_preflight_runs(tmp_path_factory, prefix=EARLY_PREFIX)))
     if "process_runs" in wanted:
         import test_train
-        starters.append(("process", lambda: test_train.start_process_runs(tmp_path_factory, nice=EARLY_NICE)))
+        starters.append(("process", lambda: test_train.start_process_runs(tmp_path_factory, prefix=EARLY_PREFIX)))
     runs = EarlyRuns(starters)
     yield runs
     for proc in runs.stop():  # SIGTERM first: a torchrun agent then stops its workers

@@ -12,14 +12,12 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def start_preflight(*args, nice=0):
-    """The preflight of the tiny preset in a subprocess (one thread), started now (at a
-    lower priority with `nice`)."""
+def start_preflight(*args, prefix=()):
+    """The preflight of the tiny preset in a subprocess (one thread), started now; `prefix`
+    goes before the command (conftest.py's early runs: `nice`)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = [sys.executable, str(REPO / "tools" / "preflight.py"), "--preset=tiny", *args]
-    if nice:  # by the `nice` program: no Python runs between fork and exec (conftest uses a thread)
-        cmd = ["nice", "-n", str(nice), *cmd]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen([*prefix, sys.executable, str(REPO / "tools" / "preflight.py"), "--preset=tiny", *args],
+                            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def finish(proc):
@@ -44,16 +42,16 @@ def edited_trainer(folder: Path) -> Path:
     return script
 
 
-def start_preflight_runs(tmp_path_factory, nice=0) -> dict:
+def start_preflight_runs(tmp_path_factory, prefix=()) -> dict:
     """Both preflights of this file, started now (each is one thread): {"trainer": the
     trainer with --roofline, "edited": the edited copy on a 9-step schedule without an
     extension (fewer shapes to compile; its last step is one the warm-up does not visit)}.
-    conftest.py starts them when the session starts, at a lower priority (`nice`), so that
-    they run on what the in-process tests before this file leave idle."""
+    conftest.py starts them when the session starts, at a lower priority (`prefix`: `nice`),
+    so that they run on what the in-process tests before this file leave idle."""
     script = edited_trainer(tmp_path_factory.mktemp("edited"))
-    return dict(trainer=start_preflight("--roofline", nice=nice),
+    return dict(trainer=start_preflight("--roofline", prefix=prefix),
                 edited=start_preflight(f"--script={script}", "--num_scheduled_iterations=9",
-                                       "--num_extension_iterations=0", nice=nice))
+                                       "--num_extension_iterations=0", prefix=prefix))
 
 
 @pytest.fixture(scope="module")

@@ -33,20 +33,15 @@ def free_port():
         return s.getsockname()[1]
 
 
-def niced(cmd, nice=0):
-    """cmd run at a lower priority (conftest.py's early runs) by the `nice` program: no
-    Python runs between fork and exec (conftest starts them from a thread)."""
-    return ["nice", "-n", str(nice), *cmd] if nice else cmd
-
-
-def start_train(args, nproc=1, nice=0):
-    """train_gpt.py on nproc gloo processes, one thread each, started now (Popen)."""
+def start_train(args, nproc=1, prefix=()):
+    """train_gpt.py on nproc gloo processes, one thread each, started now (Popen); `prefix`
+    goes before the command (conftest.py's early runs: `nice`)."""
     if nproc == 1:
         cmd = [sys.executable, "train_gpt.py", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", f"--nproc_per_node={nproc}",
                f"--master_port={free_port()}", "train_gpt.py", *args]
-    return subprocess.Popen(niced(cmd, nice), cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    return subprocess.Popen([*prefix, *cmd], cwd=REPO, env=env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
 
 
@@ -78,19 +73,19 @@ def test_warmup_then_reset_is_bit_identical_to_a_fresh_start():
     torch.set_num_threads(2)
     args = small_args(num_scheduled_iterations=3)  # 4 steps: every stage, the split and the extension
     fresh = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
-    warmed = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
+    primed = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
     assert set(tg.warmup_steps(args)) >= {0, 1, 2, tg.split_step(args)}
-    warmed.warmup()
-    a, b = fresh.model.state_dict(), warmed.model.state_dict()
+    primed.warmup()
+    a, b = fresh.model.state_dict(), primed.model.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    assert not warmed.model.split_done and warmed.model.windows == fresh.model.windows
-    assert warmed.model.rotary.attn_scale == fresh.model.rotary.attn_scale == 0.1
-    assert torch.equal(warmed.model.rotary.freqs, fresh.model.rotary.freqs)
-    assert torch.equal(warmed.model.rotary.factor1, fresh.model.rotary.factor1)
-    assert torch.equal(warmed.model.rotary.factor2, fresh.model.rotary.factor2)
-    assert all(p.grad is None for p in warmed.model.parameters())
+    assert not primed.model.split_done and primed.model.windows == fresh.model.windows
+    assert primed.model.rotary.attn_scale == fresh.model.rotary.attn_scale == 0.1
+    assert torch.equal(primed.model.rotary.freqs, fresh.model.rotary.freqs)
+    assert torch.equal(primed.model.rotary.factor1, fresh.model.rotary.factor1)
+    assert torch.equal(primed.model.rotary.factor2, fresh.model.rotary.factor2)
+    assert all(p.grad is None for p in primed.model.parameters())
 
     def flat(tree, prefix=""):
         if isinstance(tree, torch.Tensor):
@@ -106,7 +101,7 @@ def test_warmup_then_reset_is_bit_identical_to_a_fresh_start():
             out.update(flat(v, f"{prefix}/{k}"))
         return out
 
-    sa, sb = flat(fresh.opt.state_dict()), flat(warmed.opt.state_dict())
+    sa, sb = flat(fresh.opt.state_dict()), flat(primed.opt.state_dict())
     assert sa.keys() == sb.keys() and len(sa) > 0
     for k in sa:
         if isinstance(sa[k], torch.Tensor):
@@ -115,9 +110,9 @@ def test_warmup_then_reset_is_bit_identical_to_a_fresh_start():
             assert sa[k] == sb[k], k
     # and the two then train identically (an even, an odd (Adam) and an even step)
     fresh.restart_data()
-    warmed.restart_data()
+    primed.restart_data()
     for step in range(3):
-        la, lb = fresh.train_step(step), warmed.train_step(step)
+        la, lb = fresh.train_step(step), primed.train_step(step)
         assert torch.equal(la, lb), step
 
 
@@ -151,18 +146,18 @@ def two_node_env(port: int) -> dict:
             "MASTER_PORT": str(port)}
 
 
-def start_process_runs(tmp_path_factory, nice=0) -> dict:
+def start_process_runs(tmp_path_factory, prefix=()) -> dict:
     """Short tiny runs on 1, 2 and 4 gloo processes with checkpoints after steps 5 and 7 and
     the final model saved, and the two-node test's two agents (run.sh with NNODES=2), all
     started now: each process has one thread, so on CI's two cores they fill both.
-    conftest.py starts them when the session starts, at a lower priority (`nice`), so that
-    they use what the tests before this file leave idle."""
+    conftest.py starts them when the session starts, at a lower priority (`prefix`: `nice`),
+    so that they use what the tests before this file leave idle."""
     folder, nodes = tmp_path_factory.mktemp("runs"), tmp_path_factory.mktemp("nodes")
     common = SHORT + ["--val_loss_every=4", f"--log_dir={folder}"]
     procs = {n: start_train(common + [f"--save_model={folder / f'p{n}.pt'}", f"--run_id=p{n}",
-                                      "--checkpoint_every=5"], nproc=n, nice=nice) for n in (1, 2, 4)}
+                                      "--checkpoint_every=5"], nproc=n, prefix=prefix) for n in (1, 2, 4)}
     port = free_port()
-    agents = [subprocess.Popen(niced(["bash", str(REPO / "run.sh"), *two_node_flags(nodes)], nice), cwd=REPO,
+    agents = [subprocess.Popen([*prefix, "bash", str(REPO / "run.sh"), *two_node_flags(nodes)], cwd=REPO,
                                env={**two_node_env(port), "NODE_RANK": str(r)}, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for r in (0, 1)]
     return dict(folder=folder, nodes=nodes, port=port, procs=procs, agents=agents)
@@ -628,7 +623,7 @@ def test_resume_after_the_warm_up_continues_from_the_checkpoint(tmp_path):
     initial state), then the checkpoint restored; the next steps equal those of the run
     that wrote the checkpoint (eager here: the warm-up's steps run without compiling)."""
     torch.set_num_threads(2)
-    args = small_args(log_dir=tmp_path, num_scheduled_iterations=4)  # 5 steps, 5 of them warmed up
+    args = small_args(log_dir=tmp_path, num_scheduled_iterations=4)  # 5 steps, all 5 run in the warm-up
     a = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
     a.restart_data()
     for step in range(3):

@@ -17,6 +17,7 @@ host-device sync) and that an optimizer step ran.
 Extra flags are Hyperparameters overrides (see train_gpt.py --help).
 """
 import argparse
+import functools
 import sys
 import tempfile
 import time
@@ -40,6 +41,7 @@ H100_SXM = dict(bf16=989e12, fp8=1979e12, bandwidth=3.35e12, sfu=3.9e12, sms=132
 H100_BF16_FLOPS = H100_SXM["bf16"]
 
 
+@functools.lru_cache(maxsize=None)
 def shard_writer():
     """train_gpt.write_shard: the trainer's, or this repository's where the trainer is an
     older script without it (tools/preflight.py --script=OTHER; the format is the same)."""

@@ -50,7 +50,7 @@ SFU_OPS = ("ex2", "lg2", "rcp", "rsqrt", "sqrt", "tanh", "sin", "cos", "div.full
 _SFU_RE = re.compile(r"^\s*(?:@!?%p\d+\s+)?(" + "|".join(re.escape(op) for op in SFU_OPS) + r")\.", re.M)
 _LABEL_RE = re.compile(r"^(\$L__\w+):", re.M)
 _BRANCH_RE = re.compile(r"\bbra(?:\.uni)?\s+(\$L__\w+);")
-TYPE_BYTES = {"*bf16": 2, "*fp16": 2, "*fp32": 4, "*fp8e4nv": 1, "*fp8e5": 1, "*i64": 8, "*i32": 4}
+SPILL_ALLOWED = 8  # bytes per thread of stack and local memory: "a few"
 
 
 @dataclass
@@ -85,12 +85,9 @@ class Launch:
         return consts, divisible
 
 
-def _configs(kernel, fixed: dict | None = None) -> list:
-    """(meta, num_warps, num_stages) of an autotuned kernel's configs, or its one fixed config."""
-    if hasattr(kernel, "configs"):
-        return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in kernel.configs]
-    meta = dict(fixed)
-    return [(meta, meta.pop("num_warps", 4), meta.pop("num_stages", 3))]
+def _configs(kernel) -> list:
+    """(meta, num_warps, num_stages) of an autotuned kernel's configs."""
+    return [(dict(c.kwargs), c.num_warps, c.num_stages) for c in kernel.configs]
 
 
 def _jit(kernel):
@@ -330,7 +327,8 @@ def main(argv=None) -> int:
     print("SFU/elem: special-function ops (ex2, lg2, rcp, rsqrt, sqrt, tanh, sin, cos, divisions) per output "
           "element; async: cp.async/TMA loads (a pipelined main loop); in flight: bytes of loads per SM "
           "(and over the need)")
-    problems = [f"{f.family} [{f.config}]: {f.spilled} B spilled" for _, figs in rows for f in figs if f.spilled > 8]
+    problems = [f"{f.family} [{f.config}]: {f.spilled} B spilled" for _, figs in rows for f in figs
+                if f.spilled > SPILL_ALLOWED]
     problems += [f"{f.family} [{f.config}]: main loop not pipelined" for _, figs in rows for f in figs
                  if ("matmul" in f.family or "symmetric" in f.family) and not f.pipelined]
     for p in problems:

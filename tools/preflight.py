@@ -339,26 +339,24 @@ class Kernel:
             t["flops"] += t.pop("sfu")
         return t
 
-    def priced(self) -> tuple[float, dict]:
-        """(seconds, the terms that price it): a Triton kernel at its best config."""
+    def priced(self) -> tuple[float, str]:
+        """(seconds, kind): a Triton kernel at its best config; the kind is optimizer,
+        attention, or by its largest roof: matmul, memory-bound (the floor too) or
+        transcendental-bound."""
         figs = triton_figures(self.family) if self.family else None
         options = [self.terms(f) for f in figs] if isinstance(figs, tuple) and figs else [self.terms()]
         best = min(options, key=lambda t: max(t.values()))
-        return max(best.values()), best
+        if self.optimizer or self.attention:
+            kind = "optimizer" if self.optimizer else "attention"
+        else:
+            kind = {"flops": "matmul", "sfu": "transcendental-bound"}.get(max(best, key=best.get), "memory-bound")
+        return max(best.values()), kind
 
     def seconds(self) -> float:
         return self.priced()[0]
 
     def kind(self) -> str:
-        """optimizer, attention, or by its largest roof: matmul, memory-bound (the floor
-        too) or transcendental-bound."""
-        if self.optimizer:
-            return "optimizer"
-        if self.attention:
-            return "attention"
-        _, t = self.priced()
-        top = max(t, key=t.get)
-        return {"flops": "matmul", "sfu": "transcendental-bound"}.get(top, "memory-bound")
+        return self.priced()[1]
 
 
 def _size(v) -> tuple[int, int]:
@@ -812,11 +810,11 @@ def step_counts(recorder: GraphRecorder, trainer, args, step: int, ops, opt_ops,
         opt = opt_ops[2] + [k for _, _, i in opt_ops[1] for k in graph_kernels(recorder.graphs[i][3])]
         for k in opt:
             k.optimizer = True
-        entry["roofline_ms"] = 1000 * sum(k.seconds() for k in fwd + bwd + opt)
-        entry["by_kind"] = {kind: 1000 * sum(k.seconds() for k in fwd + bwd + opt if k.kind() == kind)
-                            for kind in KINDS}
-        entry["triton"] = sorted({(k.family, triton_figures(k.family) if isinstance(triton_figures(k.family), str)
-                                   else "") for k in fwd + bwd + opt if k.family})
+        priced = [k.priced() for k in fwd + bwd + opt]  # (seconds, kind) of each kernel, once
+        entry["roofline_ms"] = 1000 * sum(s for s, _ in priced)
+        entry["by_kind"] = {kind: 1000 * sum(s for s, k in priced if k == kind) for kind in KINDS}
+        figures = {k.family: triton_figures(k.family) for k in fwd + bwd + opt if k.family}
+        entry["triton"] = sorted((family, why if isinstance(why, str) else "") for family, why in figures.items())
         entry["tv_traffic"] = (tv_traffic(fwd, T, V_pad), tv_traffic(bwd, T, V_pad))
         entry["saved"] = saved_tv(recorder.graphs[model_calls[0][2]][3], T, V_pad)
         H4 = 4 * args.model_dim  # the MLP's hidden width: (T, 4d) tensors, per layer

@@ -1,3 +1,4 @@
+import ctypes
 import os
 import subprocess
 import sys
@@ -7,11 +8,28 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-# The trainers the tests start (subprocesses inherit this) allocate and free (T, V) tensors
-# of hundreds of MB per CPU step: glibc 2.35+ then backs them with transparent huge pages,
-# and the runs spend a third less time in page faults (run.sh sets the same for its CPU
-# demo). The results are bitwise the same; other C libraries ignore the variable.
-os.environ.setdefault("GLIBC_TUNABLES", "glibc.malloc.hugetlb=1")
+# A CPU training step allocates and frees (T, V) tensors of tens to hundreds of MB. glibc's
+# malloc serves blocks that large with mmap and returns them to the kernel on free, so every
+# step faults its pages in and zeroes them again: about a quarter of a run's CPU time, in the
+# kernel. Keeping freed memory in the heap for reuse (no mmap below 1 GB, no trimming below
+# 2 GB) removes that; the results are bitwise the same. Subprocesses get it from the
+# environment (run.sh sets the same for its CPU demo; other C libraries ignore it), this
+# process from mallopt, since its own malloc read the environment when it started.
+CPU_MALLOC_TUNABLES = "glibc.malloc.mmap_threshold=1073741824:glibc.malloc.trim_threshold=2147483647"
+os.environ.setdefault("GLIBC_TUNABLES", CPU_MALLOC_TUNABLES)
+
+
+def _keep_freed_memory() -> None:
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError):  # not glibc
+        return
+    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+    mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    mallopt(M_TRIM_THRESHOLD, (1 << 31) - 1)
+
+
+_keep_freed_memory()
 
 
 # the early runs' command prefix: the lowest priority, so they get little CPU while a test

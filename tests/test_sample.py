@@ -1,5 +1,6 @@
 """tools/sample.py on a tiny trained model: deterministic for a seed, tokens that decode, one
 clear line for a bad checkpoint path."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -31,35 +32,48 @@ def tiny_checkpoint(tmp_path_factory):
 
 
 def sample(*args):
+    """tools/sample.py run as a program."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, str(REPO / "tools" / "sample.py"), *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1200)
 
 
-def test_sampling_is_deterministic_for_a_seed_and_decodes(tiny_checkpoint):
+def load_tool():
+    spec = importlib.util.spec_from_file_location("sample_tool", REPO / "tools" / "sample.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    return tool
+
+
+def test_sampling_is_deterministic_for_a_seed_and_decodes(tiny_checkpoint, capsys):
+    """One run as a program; the others call its main() in this process (what a program
+    run prints, without a Python start and a model load each)."""
     model_file, checkpoint = tiny_checkpoint
+    tool = load_tool()
+
+    def main(*args):
+        capsys.readouterr()
+        assert tool.main([str(a) for a in args]) == 0
+        return capsys.readouterr().out
+
     common = ["--prompt", "ROMEO:", "--max_tokens", 12]  # the installed vocabulary, no --vocab
     a = sample(model_file, *common, "--seed", 1)
-    b = sample(model_file, *common, "--seed", 1)
-    c = sample(model_file, *common, "--seed", 2)
     assert a.returncode == 0, a.stderr
-    assert a.stdout == b.stdout and a.stdout.startswith("ROMEO:") and len(a.stdout.strip()) > len("ROMEO:")
-    assert c.stdout != a.stdout
+    b, c = main(model_file, *common, "--seed", 1), main(model_file, *common, "--seed", 2)
+    assert a.stdout == b and a.stdout.startswith("ROMEO:") and len(a.stdout.strip()) > len("ROMEO:")
+    assert c != a.stdout
     # the checkpoint holds the same model: the same text
-    assert sample(checkpoint, *common, "--seed", 1).stdout == a.stdout
+    assert main(checkpoint, *common, "--seed", 1) == a.stdout
     # greedy decoding: the most likely token each time, the same for every seed
-    g1, g2 = sample(model_file, *common, "--temperature", 0, "--seed", 1), sample(model_file, *common,
-                                                                                  "--temperature", 0, "--seed", 5)
-    assert g1.returncode == 0 and g1.stdout == g2.stdout
+    g1 = main(model_file, *common, "--temperature", 0, "--seed", 1)
+    g2 = main(model_file, *common, "--temperature", 0, "--seed", 5)
+    assert g1 == g2
 
 
 def test_generate_follows_the_models_logits(tiny_checkpoint):
     """Greedy generation picks argmax of next_token_logits, which equals the softcapped
     logits of the last position of an eval forward (checked against the loss it gives)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("sample_tool", REPO / "tools" / "sample.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = load_tool()
     model = tg.load_model(tiny_checkpoint[0], attn_backend="sdpa")
     prompt = [464, 2068, 7586]
     ids = tool.generate(model, prompt, 4, temperature=0.0, top_k=0, seed=0)

@@ -63,78 +63,13 @@ def parse(stdout):
     return vals, steps
 
 
-# --- warm-up and reset ----------------------------------------------------------------
-
 def small_args(**kw):
     return tg.parse_args(SHORT + [f"--{k}={v}" for k, v in kw.items()])
 
 
-def test_warmup_then_reset_is_bit_identical_to_a_fresh_start():
-    torch.set_num_threads(2)
-    args = small_args(num_scheduled_iterations=3)  # 4 steps: every stage, the split and the extension
-    fresh = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
-    primed = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
-    assert set(tg.warmup_steps(args)) >= {0, 1, 2, tg.split_step(args)}
-    primed.warmup()
-    a, b = fresh.model.state_dict(), primed.model.state_dict()
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
-    assert not primed.model.split_done and primed.model.windows == fresh.model.windows
-    assert primed.model.rotary.attn_scale == fresh.model.rotary.attn_scale == 0.1
-    assert torch.equal(primed.model.rotary.freqs, fresh.model.rotary.freqs)
-    assert torch.equal(primed.model.rotary.factor1, fresh.model.rotary.factor1)
-    assert torch.equal(primed.model.rotary.factor2, fresh.model.rotary.factor2)
-    assert all(p.grad is None for p in primed.model.parameters())
-
-    def flat(tree, prefix=""):
-        if isinstance(tree, torch.Tensor):
-            return {prefix: tree}
-        if isinstance(tree, dict):
-            items = tree.items()
-        elif isinstance(tree, (list, tuple)):
-            items = enumerate(tree)
-        else:
-            return {prefix: tree}
-        out = {}
-        for k, v in items:
-            out.update(flat(v, f"{prefix}/{k}"))
-        return out
-
-    sa, sb = flat(fresh.opt.state_dict()), flat(primed.opt.state_dict())
-    assert sa.keys() == sb.keys() and len(sa) > 0
-    for k in sa:
-        if isinstance(sa[k], torch.Tensor):
-            assert torch.equal(sa[k], sb[k]), k
-        else:
-            assert sa[k] == sb[k], k
-    # and the two then train identically (an even, an odd (Adam) and an even step)
-    fresh.restart_data()
-    primed.restart_data()
-    for step in range(3):
-        la, lb = fresh.train_step(step), primed.train_step(step)
-        assert torch.equal(la, lb), step
-
-
-def test_yarn_updates_exactly_when_the_long_window_changes(monkeypatch):
-    args = small_args()
-    model = tg.build_model(args, "meta")
-    calls = []
-    monkeypatch.setattr(model.rotary, "update_window", lambda old, new: calls.append((old, new)))
-    changes = []
-    for step in range(tg.total_steps(args)):
-        before = len(calls)
-        model.set_windows(*tg.windows_at(step, args))
-        if len(calls) > before:
-            changes.append(step)
-    model.set_windows(*tg.final_windows(args), yarn=False)
-    # S = 6: long windows 3 (steps 0-1), 7 (2-3), 11 (4-5), 13 (extension step 6)
-    assert changes == [2, 4, 6]
-    assert calls == [(3, 7), (7, 11), (11, 13)]
-    assert model.windows == (6, 20)
-
-
 # --- equivalence across process counts (gloo) -----------------------------------------
+# (first in this file: its runs have been training in the background since the session
+# started (conftest.py); the in-process tests below then run without them on the cores)
 
 def two_node_flags(folder: Path) -> list:
     return SHORT + ["--val_loss_every=4", f"--log_dir={folder}", "--run_id=nodes", "--checkpoint_every=5",
@@ -310,6 +245,73 @@ def test_resume_refuses_other_flags_or_process_counts(process_runs, tmp_path, ca
         tg.main(SHORT + [f"--log_dir={tmp_path}/l", f"--resume={runs / 'p1.txt'}"])
     err = capsys.readouterr().err
     assert "not a model saved by train_gpt.py" in err and "weights_only" not in err and len(err.splitlines()) == 1
+
+
+# --- warm-up and reset ----------------------------------------------------------------
+
+def test_warmup_then_reset_is_bit_identical_to_a_fresh_start():
+    torch.set_num_threads(2)
+    args = small_args(num_scheduled_iterations=3)  # 4 steps: every stage, the split and the extension
+    fresh = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
+    primed = tg.Trainer(args, 0, 1, torch.device("cpu"), tg.Logger(None))
+    assert set(tg.warmup_steps(args)) >= {0, 1, 2, tg.split_step(args)}
+    primed.warmup()
+    a, b = fresh.model.state_dict(), primed.model.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not primed.model.split_done and primed.model.windows == fresh.model.windows
+    assert primed.model.rotary.attn_scale == fresh.model.rotary.attn_scale == 0.1
+    assert torch.equal(primed.model.rotary.freqs, fresh.model.rotary.freqs)
+    assert torch.equal(primed.model.rotary.factor1, fresh.model.rotary.factor1)
+    assert torch.equal(primed.model.rotary.factor2, fresh.model.rotary.factor2)
+    assert all(p.grad is None for p in primed.model.parameters())
+
+    def flat(tree, prefix=""):
+        if isinstance(tree, torch.Tensor):
+            return {prefix: tree}
+        if isinstance(tree, dict):
+            items = tree.items()
+        elif isinstance(tree, (list, tuple)):
+            items = enumerate(tree)
+        else:
+            return {prefix: tree}
+        out = {}
+        for k, v in items:
+            out.update(flat(v, f"{prefix}/{k}"))
+        return out
+
+    sa, sb = flat(fresh.opt.state_dict()), flat(primed.opt.state_dict())
+    assert sa.keys() == sb.keys() and len(sa) > 0
+    for k in sa:
+        if isinstance(sa[k], torch.Tensor):
+            assert torch.equal(sa[k], sb[k]), k
+        else:
+            assert sa[k] == sb[k], k
+    # and the two then train identically (an even, an odd (Adam) and an even step)
+    fresh.restart_data()
+    primed.restart_data()
+    for step in range(3):
+        la, lb = fresh.train_step(step), primed.train_step(step)
+        assert torch.equal(la, lb), step
+
+
+def test_yarn_updates_exactly_when_the_long_window_changes(monkeypatch):
+    args = small_args()
+    model = tg.build_model(args, "meta")
+    calls = []
+    monkeypatch.setattr(model.rotary, "update_window", lambda old, new: calls.append((old, new)))
+    changes = []
+    for step in range(tg.total_steps(args)):
+        before = len(calls)
+        model.set_windows(*tg.windows_at(step, args))
+        if len(calls) > before:
+            changes.append(step)
+    model.set_windows(*tg.final_windows(args), yarn=False)
+    # S = 6: long windows 3 (steps 0-1), 7 (2-3), 11 (4-5), 13 (extension step 6)
+    assert changes == [2, 4, 6]
+    assert calls == [(3, 7), (7, 11), (11, 13)]
+    assert model.windows == (6, 20)
 
 
 # --- end to end -------------------------------------------------------------------------

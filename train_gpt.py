@@ -304,6 +304,11 @@ INTERPRETER_META = dict(  # the one config of each kernel family under the inter
 )
 
 
+def triton_interpreter() -> bool:
+    """Whether the Triton kernels run under the CPU interpreter (TRITON_INTERPRET=1)."""
+    return _TRITON_INTERPRET
+
+
 def interpreter_meta(family: str) -> dict:
     """Launch meta-parameters of a kernel family: the interpreter's fixed config, or none
     (the GPU's autotuner or the family's own config decides)."""
@@ -1097,7 +1102,7 @@ class Machine:
         device = torch.device(device)
         cuda = device.type == "cuda"
         return Machine(device, cuda, torch.cuda.get_device_capability(device) if cuda else (0, 0),
-                       triton is not None, _TRITON_INTERPRET)
+                       triton is not None, triton_interpreter())
 
     @staticmethod
     def record_gpu(device="meta") -> Machine:

@@ -32,9 +32,10 @@ def _keep_freed_memory() -> None:
 _keep_freed_memory()
 
 
-# the early runs' command prefix: the lowest priority, so they get little CPU while a test
-# in the foreground wants it; by the `nice` program, so that no Python runs between fork and
-# exec (they are started from a thread)
+# the early runs' command prefix: the lowest priority, so that a test in the foreground gets
+# the CPU first (not all of it: on CI-like 2 cores an in-process training test beside the
+# 1/2/4-process runs still took about 4x as long, hence test_train.py's order); by the
+# `nice` program, so that no Python runs between fork and exec (they are started from a thread)
 EARLY_PREFIX = ("nice", "-n", "19")
 
 
@@ -81,8 +82,8 @@ class EarlyRuns:
 def early_runs(request, tmp_path_factory):
     """Long subprocess runs that a later test file reads, started when the session starts
     (if a test that reads them is in it), at the lowest priority and one group after the
-    other, so that they use the core the in-process tests leave idle (CI has two) without
-    slowing them: the two preflights of test_preflight.py (start_preflight_runs), then the
+    other, so that they use the core the in-process tests leave idle (CI has two): the two
+    preflights of test_preflight.py (start_preflight_runs), then the
     1/2/4-process and two-node runs of test_train.py (start_process_runs). (Not the run.sh
     demo: its two threads spin while they wait for each other, wasting a starved core.) The
     file's fixture finishes them (EarlyRuns.get); anything still running at the end is

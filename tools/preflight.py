@@ -352,9 +352,6 @@ class Kernel:
             kind = {"flops": "matmul", "sfu": "transcendental-bound"}.get(max(best, key=best.get), "memory-bound")
         return max(best.values()), kind
 
-    def seconds(self) -> float:
-        return self.priced()[0]
-
     def kind(self) -> str:
         return self.priced()[1]
 
